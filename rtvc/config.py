@@ -1,0 +1,301 @@
+"""Typed, frozen configuration loaded from ``config.toml``.
+
+The repository's ``config.toml`` (shipped in the package as ``rtvc/defaults.toml``) holds every default; the
+dataclasses below hold none, so there is exactly one place a default can live.  ``load_config`` merges the
+defaults, an optional user file (only the keys it sets) and ``section.key=value`` overrides, then checks every
+key: unknown keys (with a suggestion), missing keys, wrong types and inconsistent values are all ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+RESAMPLERS = ("sinc_fastest", "sinc_medium", "sinc_best", "linear", "zero_order_hold")
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    sample_rate: int
+    block_size: int
+    input_device: str | int
+    output_device: str | int
+    input_channel: int
+    output_channels: int
+    host_api: str
+    device_latency: str
+    passthrough: bool
+    monitor: bool
+
+    def __post_init__(self) -> None:
+        _check(self.sample_rate == 0 or 8000 <= self.sample_rate <= 384000,
+               f"audio.sample_rate={self.sample_rate}: use 0 (device default) or 8000..384000 Hz")
+        _check(self.block_size >= 0, f"audio.block_size={self.block_size} must be >= 0 (0 = PortAudio chooses)")
+        _check(self.input_channel >= 0, "audio.input_channel must be >= 0")
+        _check(1 <= self.output_channels <= 32, "audio.output_channels must be in 1..32")
+        if self.device_latency not in ("low", "high"):
+            try:
+                _check(float(self.device_latency) >= 0, "")
+            except (ValueError, ConfigError):
+                raise ConfigError(f'audio.device_latency="{self.device_latency}": use "low", "high" '
+                                  'or a number of seconds such as "0.005"') from None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    resampler: str
+    safety_ms: float
+    max_backlog_ms: float
+    catchup_silence_db: float
+    crossfade_ms: float
+    ring_ms: float
+
+    def __post_init__(self) -> None:
+        _check(self.resampler in RESAMPLERS,
+               f'engine.resampler="{self.resampler}": choose one of {", ".join(RESAMPLERS)}')
+        _check(self.safety_ms >= 0, "engine.safety_ms must be >= 0")
+        _check(self.max_backlog_ms > 0, "engine.max_backlog_ms must be > 0 (it is the bound on extra delay)")
+        _check(self.catchup_silence_db <= 0, "engine.catchup_silence_db is dBFS and must be <= 0")
+        _check(self.crossfade_ms >= 0, "engine.crossfade_ms must be >= 0")
+        _check(self.ring_ms > 2 * (self.max_backlog_ms + self.safety_ms) + 100,
+               f"engine.ring_ms={self.ring_ms} is too small: it must exceed 2*(max_backlog_ms + safety_ms) + 100 ms "
+               f"= {2 * (self.max_backlog_ms + self.safety_ms) + 100:g} ms so the rings never overflow in normal use")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    sample_rate: int
+    hop_length: int
+    n_fft: int
+    win_length: int
+    n_mels: int
+    fmin: float
+    fmax: float
+    upsample_factors: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check(8000 <= self.sample_rate <= 96000, f"model.sample_rate={self.sample_rate} must be in 8000..96000")
+        _check(self.hop_length > 0, "model.hop_length must be > 0")
+        _check(0 < self.win_length <= self.n_fft,
+               f"model.win_length={self.win_length} must be in 1..n_fft ({self.n_fft})")
+        _check(self.n_mels > 0, "model.n_mels must be > 0")
+        _check(0 <= self.fmin < self.fmax <= self.sample_rate / 2,
+               f"model.fmin/fmax = {self.fmin}/{self.fmax} must satisfy 0 <= fmin < fmax <= sample_rate/2 "
+               f"({self.sample_rate / 2:g})")
+        _check(len(self.upsample_factors) > 0 and all(f > 0 for f in self.upsample_factors),
+               "model.upsample_factors must be a non-empty list of positive integers")
+        _check(math.prod(self.upsample_factors) == self.hop_length,
+               f"model.upsample_factors {list(self.upsample_factors)} multiply to "
+               f"{math.prod(self.upsample_factors)}, but the vocoder must upsample one mel frame to exactly "
+               f"hop_length={self.hop_length} samples")
+
+    @property
+    def hop_ms(self) -> float:
+        return 1000.0 * self.hop_length / self.sample_rate
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str
+    port: int
+    max_sessions: int
+    max_frame_samples: int
+    token: str
+    allowed_origins: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, f"server.port={self.port} must be in 0..65535")
+        _check(self.max_sessions >= 1, "server.max_sessions must be >= 1")
+        _check(self.max_frame_samples >= 1, "server.max_frame_samples must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int
+    batch_size: int
+    segment_hops: int
+    learning_rate: float
+    steps: int
+    validate_every: int
+    checkpoint_every: int
+    num_workers: int
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "segment_hops", "steps", "validate_every", "checkpoint_every"):
+            _check(getattr(self, key) >= 1, f"train.{key} must be >= 1")
+        _check(self.learning_rate > 0, "train.learning_rate must be > 0")
+        _check(self.num_workers >= 0, "train.num_workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    data_dir: str
+    checkpoint_dir: str
+    model: str
+
+
+@dataclass(frozen=True)
+class Config:
+    audio: AudioConfig
+    engine: EngineConfig
+    model: ModelConfig
+    server: ServerConfig
+    train: TrainConfig
+    paths: PathsConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists): what goes into checkpoints and ``from_dict`` reads back."""
+        def conv(v: Any) -> Any:
+            return list(v) if isinstance(v, tuple) else v
+        return {f.name: {k: conv(v) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+        return _build(cls, data, "")
+
+    def replace(self, **overrides: Any) -> "Config":
+        """New config with ``section.key`` overrides given as ``replace(**{"engine.safety_ms": 3.0})``."""
+        d = self.to_dict()
+        for dotted, value in overrides.items():
+            _set_dotted(d, dotted, value)
+        return Config.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats, lists become tuples."""
+    if isinstance(tp, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError:
+                pass
+    elif typing.get_origin(tp) is tuple:
+        if isinstance(value, (list, tuple)):
+            (elem,) = [a for a in typing.get_args(tp) if a is not Ellipsis]
+            return tuple(_coerce(elem, v, f"{where}[{i}]") for i, v in enumerate(value))
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a table of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f' (did you mean "{prefix}{close[0]}"?)' if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f'unknown key "{prefix}{key}"{hint}')
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            raise ConfigError(f'missing key "{prefix}{name}"')
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(tp, data[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    _check(len(parts) == 2 and all(parts), f'override "{dotted}": use section.key, e.g. engine.safety_ms')
+    section, key = parts
+    if section not in d:
+        close = difflib.get_close_matches(section, list(d), n=1)
+        raise ConfigError(f'unknown section "{section}"' + (f' (did you mean "{close[0]}"?)' if close else ""))
+    d[section][key] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"engine.safety_ms=3"`` -> ``("engine.safety_ms", 3)``. The value is TOML; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f'override "{text}": expected section.key=value')
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # e.g. --set audio.input_device=USB Mic
+    return key, value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+
+
+def default_dict() -> dict[str, Any]:
+    text = resources.files("rtvc").joinpath("defaults.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def load_config(user_file: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults <- user file <- ``section.key=value`` overrides, validated."""
+    data = default_dict()
+    if user_file:
+        user = read_toml(user_file)
+        for section, table in user.items():
+            if section not in data:
+                close = difflib.get_close_matches(section, list(data), n=1)
+                raise ConfigError(f'{user_file}: unknown section "[{section}]"'
+                                  + (f' (did you mean "[{close[0]}]"?)' if close else ""))
+            if not isinstance(table, Mapping):
+                raise ConfigError(f'{user_file}: "{section}" must be a table ([{section}])')
+        data = _merge(data, user)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return Config.from_dict(data)
