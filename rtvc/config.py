@@ -35,7 +35,7 @@ RESAMPLERS = ("sinc_fastest", "sinc_medium", "sinc_best", "linear", "zero_order_
 @dataclass(frozen=True)
 class AudioConfig:
     sample_rate: int
-    block_size: int
+    block_ms: float
     input_device: str | int
     output_device: str | int
     input_channel: int
@@ -48,7 +48,7 @@ class AudioConfig:
     def __post_init__(self) -> None:
         _check(self.sample_rate == 0 or 8000 <= self.sample_rate <= 384000,
                f"audio.sample_rate={self.sample_rate}: use 0 (device default) or 8000..384000 Hz")
-        _check(self.block_size >= 0, f"audio.block_size={self.block_size} must be >= 0 (0 = PortAudio chooses)")
+        _check(0 <= self.block_ms <= 1000, f"audio.block_ms={self.block_ms} must be in 0..1000 (0 = PortAudio chooses)")
         _check(self.input_channel >= 0, "audio.input_channel must be >= 0")
         _check(1 <= self.output_channels <= 32, "audio.output_channels must be in 1..32")
         if self.device_latency not in ("low", "high"):

@@ -1,0 +1,3 @@
+"""rtvc: streaming real-time voice changer."""
+
+__version__ = "0.1.0"
