@@ -44,6 +44,13 @@ def jack_server():
     proc.wait(timeout=10)
 
 
+def _jack_device_index() -> int:
+    """Index of PortAudio's JACK device, asked in a fresh process (PortAudio enumerates devices once, at init)."""
+    code = ("import sounddevice as sd; print([i for i, d in enumerate(sd.query_devices()) "
+            "if 'JACK' in sd.query_hostapis(d['hostapi'])['name']][0])")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
 def _signal(n: int, seed: int = 0) -> np.ndarray:
     """Band-limited noise bursts: aperiodic, so cross-correlation has a single sharp peak."""
     rng = np.random.default_rng(seed)
@@ -76,7 +83,9 @@ def test_live_duplex_through_jack(jack_server, tmp_path):
 
     stats = tmp_path / "live.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "rtvc", "live", "--host-api", "JACK", "--rate", str(RATE), "--block-ms", "10",
+    # input device by name, output device by index: both resolution paths go through PortAudio for real
+    cmd = [sys.executable, "-m", "rtvc", "live", "--host-api", "JACK", "--input-device", "system",
+           "--output-device", str(_jack_device_index()), "--rate", str(RATE), "--block-ms", "10",
            "--duration", str(seconds), "--stats-json", str(stats)]
     live = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
