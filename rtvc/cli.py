@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from importlib import resources
+from pathlib import Path
 
 from .config import Config, ConfigError, load_config
 
 EPILOG = """\
 first steps:
   rtvc devices                          list microphones and speakers (works without a sound card)
-  rtvc convert in.wav out.wav           convert a file through the streaming engine
+  rtvc voices                           the voices of the configured model (paths.model)
+  rtvc convert in.wav out.wav --voice slt --transpose 3
   rtvc convert --sample out.wav         convert the bundled speech sample
   rtvc live                             microphone -> voice changer -> speakers (Ctrl-C to stop)
-  rtvc live --input-device USB --output-device 3 --passthrough
+  rtvc live --input-device USB --output-device 3 --voice awb
   rtvc config                           print the resolved configuration
+
+train your own voices:
+  rtvc data synth                       multi-speaker corpus from offline TTS (or bring VCTK/LibriTTS/folders)
+  rtvc data prepare data/synth          resample, trim, split, cache features -> data/cache
+  rtvc train vqvae && rtvc train teacher && rtvc train student    (resumable; torchrun for many GPUs/nodes)
+  rtvc --set paths.model=checkpoints/model.pt convert in.wav out.wav --voice slt
+  rtvc bench                            latency, per-stage compute and real-time factor on this CPU
 
 every default is in config.toml; change any of it per run with --set section.key=value
 (e.g. --set engine.max_backlog_ms=80) or with --config my.toml (only the keys you set).
@@ -42,8 +52,41 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("input", nargs="?", help="input audio file (wav/flac/ogg; stereo is mixed to mono)")
     v.add_argument("output", help="output wav file")
     v.add_argument("--sample", action="store_true", help="use the bundled speech sample as input")
-    v.add_argument("--voice", help="target voice name (from the voice model)")
+    v.add_argument("--voice", help="target voice name (see `rtvc voices`; default: the model's first)")
+    v.add_argument("--transpose", type=float, default=0.0, help="pitch shift in semitones (default 0)")
+    v.add_argument("--model", help="voice model file (default: paths.model)")
     v.add_argument("--block-ms", type=float, default=10.0, help="streaming block size in ms (default 10)")
+
+    vo = sub.add_parser("voices", help="list the voices of the voice model")
+    vo.add_argument("--model", help="voice model file (default: paths.model)")
+
+    dt = sub.add_parser("data", help="build or prepare a training corpus")
+    dsub = dt.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    sy = dsub.add_parser("synth", help="synthesise a multi-speaker corpus with flite / espeak-ng")
+    sy.add_argument("--out", help="output folder (default: <paths.data_dir>/synth)")
+    sy.add_argument("--sentences", type=int, default=200, help="sentences per voice (default 200)")
+    sy.add_argument("--voices", help="comma-separated subset of: awb,rms,slt,kal,esf,esm")
+    sy.add_argument("--jobs", type=int, default=2, help="parallel TTS processes")
+    sy.add_argument("--seed", type=int, default=0, help="sentence generator seed")
+    pr = dsub.add_parser("prepare", help="cache features of a corpus (VCTK, LibriTTS or folder-per-speaker)")
+    pr.add_argument("corpus", help="corpus folder")
+    pr.add_argument("--out", help="cache folder (default: <paths.data_dir>/cache)")
+    pr.add_argument("--val-fraction", type=float, default=0.05, help="share of sentences held out for validation")
+    pr.add_argument("--min-seconds", type=float, default=0.5, help="clips shorter than this (after trimming) are errors")
+    pr.add_argument("--skip-bad", action="store_true", help="skip unreadable / too-short / mismatched files, listing them")
+
+    tr = sub.add_parser("train", help="train a stage: vqvae, teacher or student (resumes from its checkpoint)")
+    tr.add_argument("stage", choices=["vqvae", "teacher", "student"])
+    tr.add_argument("--data", help="prepared cache folder (default: <paths.data_dir>/cache)")
+    tr.add_argument("--steps", type=int, help="total steps for this stage (default: train.<stage>_steps)")
+    tr.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+
+    ex = sub.add_parser("export", help="bundle vqvae.pt + student.pt into one voice model file")
+    ex.add_argument("--out", help="output file (default: <paths.checkpoint_dir>/model.pt)")
+
+    be = sub.add_parser("bench", help="benchmark the streaming converter on this CPU (prints, saves JSON)")
+    be.add_argument("--out", default="bench/results/pipeline_cpu.json", help="where to save the JSON")
+    be.add_argument("--seconds", type=float, default=5.0, help="audio seconds streamed per measurement")
 
     lv = sub.add_parser("live", help="microphone -> voice changer -> speakers",
                         description="Live conversion with sounddevice. While running: p+Enter toggles passthrough, "
@@ -53,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     lv.add_argument("--host-api", help="prefer devices of this PortAudio host API (e.g. JACK, ALSA)")
     lv.add_argument("--rate", type=int, help="device sample rate (default: audio.sample_rate, 0 = device default)")
     lv.add_argument("--block-ms", type=float, help="callback block in ms (default: audio.block_ms)")
+    lv.add_argument("--voice", help="target voice (see `rtvc voices`)")
+    lv.add_argument("--transpose", type=float, default=0.0, help="pitch shift in semitones")
+    lv.add_argument("--model", help="voice model file (default: paths.model)")
     lv.add_argument("--passthrough", action="store_true", help="start in passthrough (your own voice)")
     lv.add_argument("--no-monitor", action="store_true", help="start with the output muted")
     lv.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = run until stopped)")
@@ -98,7 +144,7 @@ def _cmd_convert(cfg: Config, a: argparse.Namespace) -> int:
     if a.sample == bool(a.input):
         raise SystemExit("rtvc convert: give an input file or --sample (not both)")
     src = str(resources.files("rtvc").joinpath("samples/speech.wav")) if a.sample else a.input
-    info = convert_file(cfg, src, a.output, voice=a.voice, block_ms=a.block_ms)
+    info = convert_file(cfg, src, a.output, voice=a.voice, transpose=a.transpose, block_ms=a.block_ms)
     print(f"wrote {info['output']}: {info['seconds']:.2f} s at {info['sample_rate']} Hz, converter "
           f"'{info['converter']}', streaming latency {info['latency_ms']:.1f} ms, "
           f"compute p50 {info['compute_ms_p50']:.3f} ms per 10 ms hop")
@@ -108,14 +154,74 @@ def _cmd_convert(cfg: Config, a: argparse.Namespace) -> int:
 def _cmd_live(cfg: Config, a: argparse.Namespace) -> int:
     from .convert import load_converter
     from .live import run_live
-    report = run_live(cfg, load_converter(cfg), duration=a.duration, stats_json=a.stats_json)
+    report = run_live(cfg, load_converter(cfg, a.voice, a.transpose), duration=a.duration, stats_json=a.stats_json)
     e = report.engine
     print(f"done: {report.callbacks} callbacks, underruns {e.underruns} samples, PortAudio underflows "
           f"{report.output_underflows}, dropped {e.dropped} samples", file=sys.stderr)
     return 0
 
 
-COMMANDS = {"config": _cmd_config, "devices": _cmd_devices, "convert": _cmd_convert, "live": _cmd_live}
+def _cmd_voices(cfg: Config, a: argparse.Namespace) -> int:
+    from .convert import NoVoiceModel
+    if not cfg.paths.model:
+        raise NoVoiceModel("no voice model configured (paths.model is empty): train one or pass --model FILE")
+    from .voice import VoiceModel
+    m = VoiceModel.load(cfg.paths.model)
+    for name in m.speakers:
+        st = m.pitch.get(name)
+        print(f"{name:<12} median F0 {math.exp(st.mean):6.1f} Hz" if st else name)
+    return 0
+
+
+def _data_dir(cfg: Config, given: str | None, sub: str) -> Path:
+    return Path(given) if given else Path(cfg.paths.data_dir) / sub
+
+
+def _cmd_data(cfg: Config, a: argparse.Namespace) -> int:
+    if a.data_command == "synth":
+        from .data.synth import synth_corpus
+        out = _data_dir(cfg, a.out, "synth")
+        counts = synth_corpus(out, a.sentences, a.voices.split(",") if a.voices else None, a.seed, a.jobs)
+        print(f"{out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " utterances")
+        return 0
+    from .data.prepare import prepare_corpus
+    out = _data_dir(cfg, a.out, "cache")
+    man = prepare_corpus(cfg, a.corpus, out, a.val_fraction, a.min_seconds, a.skip_bad)
+    n_val = sum(u["split"] == "val" for u in man["utterances"])
+    print(f"{out}: {man['layout']} layout, {len(man['speakers'])} speakers, {len(man['utterances'])} utterances "
+          f"({n_val} validation), {len(man['skipped'])} skipped")
+    for s in man["skipped"]:
+        print(f"  skipped: {s}")
+    return 0
+
+
+def _cmd_train(cfg: Config, a: argparse.Namespace) -> int:
+    from .train import TRAINERS
+    ckpt = Path(cfg.paths.checkpoint_dir)
+    if a.restart and (ckpt / f"{a.stage}.pt").is_file():
+        (ckpt / f"{a.stage}.pt").unlink()
+    path = TRAINERS[a.stage](cfg, _data_dir(cfg, a.data, "cache"), ckpt, a.steps)
+    print(f"checkpoint: {path}")
+    if a.stage == "student":
+        print(f"voice model: {ckpt / 'model.pt'} (use it with --set paths.model={ckpt / 'model.pt'})")
+    return 0
+
+
+def _cmd_export(cfg: Config, a: argparse.Namespace) -> int:
+    from .train import export_voice_model
+    ckpt = Path(cfg.paths.checkpoint_dir)
+    print(f"voice model: {export_voice_model(ckpt, a.out or ckpt / 'model.pt')}")
+    return 0
+
+
+def _cmd_bench(cfg: Config, a: argparse.Namespace) -> int:
+    from .bench import run_bench
+    run_bench(cfg, a.out, a.seconds)
+    return 0
+
+
+COMMANDS = {"config": _cmd_config, "devices": _cmd_devices, "convert": _cmd_convert, "live": _cmd_live,
+            "voices": _cmd_voices, "data": _cmd_data, "train": _cmd_train, "export": _cmd_export, "bench": _cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,16 +230,21 @@ def main(argv: list[str] | None = None) -> int:
     if a.command is None:
         parser.print_help()
         return 0
-    from .devices import AudioUnavailable
+    from .checkpoint import CheckpointError
     from .convert import NoVoiceModel
+    from .data.prepare import CorpusError
+    from .devices import AudioUnavailable
     try:
         overrides = list(a.overrides) + (_live_overrides(a) if a.command == "live" else [])
+        if getattr(a, "model", None):
+            overrides.append(f"paths.model={json.dumps(a.model)}")
         cfg = load_config(a.config, overrides)
         return COMMANDS[a.command](cfg, a)
     except ConfigError as e:
         print(f"rtvc: config error: {e}", file=sys.stderr)
         return 2
-    except (AudioUnavailable, NoVoiceModel, FileNotFoundError, ValueError) as e:
+    except (AudioUnavailable, NoVoiceModel, CheckpointError, CorpusError, FileNotFoundError, ValueError,
+            RuntimeError, KeyError) as e:
         print(f"rtvc: {e}", file=sys.stderr)
         return 1
 

@@ -80,6 +80,14 @@ class EngineConfig:
                f"= {2 * (self.max_backlog_ms + self.safety_ms) + 100:g} ms so the rings never overflow in normal use")
 
 
+def _check_factors(section: str, factors: tuple[int, ...], hop: int) -> None:
+    _check(len(factors) > 0 and all(f > 0 for f in factors),
+           f"{section}.upsample_factors must be a non-empty list of positive integers")
+    _check(math.prod(factors) == hop,
+           f"{section}.upsample_factors {list(factors)} multiply to {math.prod(factors)}, but the vocoder must "
+           f"upsample one mel frame to exactly model.hop_length={hop} samples")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     sample_rate: int
@@ -89,27 +97,83 @@ class ModelConfig:
     n_mels: int
     fmin: float
     fmax: float
-    upsample_factors: tuple[int, ...]
+    f0_min: float
+    f0_max: float
+    yin_threshold: float
 
     def __post_init__(self) -> None:
         _check(8000 <= self.sample_rate <= 96000, f"model.sample_rate={self.sample_rate} must be in 8000..96000")
         _check(self.hop_length > 0, "model.hop_length must be > 0")
-        _check(0 < self.win_length <= self.n_fft,
-               f"model.win_length={self.win_length} must be in 1..n_fft ({self.n_fft})")
+        _check(self.hop_length <= self.win_length <= self.n_fft,
+               f"model.win_length={self.win_length} must be in hop_length..n_fft ({self.hop_length}..{self.n_fft})")
         _check(self.n_mels > 0, "model.n_mels must be > 0")
         _check(0 <= self.fmin < self.fmax <= self.sample_rate / 2,
                f"model.fmin/fmax = {self.fmin}/{self.fmax} must satisfy 0 <= fmin < fmax <= sample_rate/2 "
                f"({self.sample_rate / 2:g})")
-        _check(len(self.upsample_factors) > 0 and all(f > 0 for f in self.upsample_factors),
-               "model.upsample_factors must be a non-empty list of positive integers")
-        _check(math.prod(self.upsample_factors) == self.hop_length,
-               f"model.upsample_factors {list(self.upsample_factors)} multiply to "
-               f"{math.prod(self.upsample_factors)}, but the vocoder must upsample one mel frame to exactly "
-               f"hop_length={self.hop_length} samples")
+        _check(0 < self.f0_min < self.f0_max, "model.f0_min must be in 0..f0_max")
+        _check(self.win_length >= 2 * self.sample_rate / self.f0_min,
+               f"model.win_length={self.win_length} is shorter than two periods of f0_min={self.f0_min} Hz "
+               f"({2 * self.sample_rate / self.f0_min:g} samples): the pitch tracker cannot see it")
+        _check(0 < self.yin_threshold < 1, "model.yin_threshold must be in 0..1")
 
     @property
     def hop_ms(self) -> float:
         return 1000.0 * self.hop_length / self.sample_rate
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    encoder_channels: int
+    encoder_layers: int
+    kernel_size: int
+    codebook_size: int
+    code_dim: int
+    ema_decay: float
+    commitment: float
+    dead_code_threshold: float
+    speaker_dim: int
+    decoder_channels: int
+    decoder_layers: int
+
+    def __post_init__(self) -> None:
+        for key in ("encoder_channels", "encoder_layers", "kernel_size", "codebook_size", "code_dim",
+                    "speaker_dim", "decoder_channels", "decoder_layers"):
+            _check(getattr(self, key) >= 1, f"vqvae.{key} must be >= 1")
+        _check(0 < self.ema_decay < 1, "vqvae.ema_decay must be in 0..1")
+        _check(self.commitment >= 0 and self.dead_code_threshold >= 0,
+               "vqvae.commitment and vqvae.dead_code_threshold must be >= 0")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    layers: int
+    stacks: int
+    residual_channels: int
+    gate_channels: int
+    skip_channels: int
+    kernel_size: int
+    upsample_factors: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check(self.layers >= 1 and self.stacks >= 1 and self.layers % self.stacks == 0,
+               f"teacher.layers={self.layers} must be a positive multiple of teacher.stacks={self.stacks}")
+        _check(self.kernel_size % 2 == 1, "teacher.kernel_size must be odd (symmetric, non-causal)")
+        _check(self.gate_channels % 2 == 0, "teacher.gate_channels must be even (tanh half, sigmoid half)")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    layers: int
+    stacks: int
+    residual_channels: int
+    aux_channels: int
+    kernel_size: int
+    upsample_factors: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check(self.layers >= 1 and self.stacks >= 1 and self.layers % self.stacks == 0,
+               f"student.layers={self.layers} must be a positive multiple of student.stacks={self.stacks}")
+        _check(self.kernel_size >= 2, "student.kernel_size must be >= 2")
 
 
 @dataclass(frozen=True)
@@ -132,17 +196,33 @@ class TrainConfig:
     seed: int
     batch_size: int
     segment_hops: int
+    vocoder_segment_hops: int
     learning_rate: float
-    steps: int
+    vqvae_steps: int
+    teacher_steps: int
+    student_steps: int
+    student_finetune_steps: int
+    adversarial_start: int
+    adversarial_weight: float
+    stft_fft_sizes: tuple[int, ...]
+    stft_hop_sizes: tuple[int, ...]
+    stft_win_sizes: tuple[int, ...]
     validate_every: int
     checkpoint_every: int
     num_workers: int
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "segment_hops", "steps", "validate_every", "checkpoint_every"):
+        for key in ("batch_size", "segment_hops", "vocoder_segment_hops", "vqvae_steps", "teacher_steps",
+                    "student_steps", "validate_every", "checkpoint_every"):
             _check(getattr(self, key) >= 1, f"train.{key} must be >= 1")
         _check(self.learning_rate > 0, "train.learning_rate must be > 0")
-        _check(self.num_workers >= 0, "train.num_workers must be >= 0")
+        _check(self.num_workers >= 0 and self.adversarial_start >= 0 and self.student_finetune_steps >= 0,
+               "train.num_workers, adversarial_start and student_finetune_steps must be >= 0")
+        n = len(self.stft_fft_sizes)
+        _check(n >= 1 and len(self.stft_hop_sizes) == n and len(self.stft_win_sizes) == n,
+               "train.stft_fft_sizes, stft_hop_sizes and stft_win_sizes must have the same (non-zero) length")
+        _check(all(w <= f for w, f in zip(self.stft_win_sizes, self.stft_fft_sizes)),
+               "train.stft_win_sizes must not exceed the matching stft_fft_sizes")
 
 
 @dataclass(frozen=True)
@@ -157,9 +237,16 @@ class Config:
     audio: AudioConfig
     engine: EngineConfig
     model: ModelConfig
+    vqvae: VQVAEConfig
+    teacher: TeacherConfig
+    student: StudentConfig
     server: ServerConfig
     train: TrainConfig
     paths: PathsConfig
+
+    def __post_init__(self) -> None:
+        _check_factors("teacher", self.teacher.upsample_factors, self.model.hop_length)
+        _check_factors("student", self.student.upsample_factors, self.model.hop_length)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists): what goes into checkpoints and ``from_dict`` reads back."""

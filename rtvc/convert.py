@@ -18,7 +18,7 @@ class NoVoiceModel(RuntimeError):
     """Raised when a voice is requested but no voice model is configured."""
 
 
-def load_converter(cfg: Config, voice: str | None = None) -> Converter:
+def load_converter(cfg: Config, voice: str | None = None, transpose: float = 0.0) -> Converter:
     """The converter for ``cfg.paths.model``; a labelled passthrough while no voice model is configured."""
     if not cfg.paths.model:
         if voice:
@@ -26,9 +26,16 @@ def load_converter(cfg: Config, voice: str | None = None) -> Converter:
         return DelayConverter(cfg.model.sample_rate, cfg.model.hop_length, 0, name=PASSTHROUGH)
     path = Path(cfg.paths.model)
     if not path.is_file():
-        raise NoVoiceModel(f"paths.model = '{path}' does not exist")
-    raise NoVoiceModel(f"paths.model = '{path}': this rtvc version cannot load voice models yet "
-                       "(they arrive with the models issue); leave paths.model empty for passthrough")
+        raise NoVoiceModel(f"paths.model = '{path}' does not exist (train one: see README, or leave it empty)")
+    from .checkpoint import CheckpointError
+    from .voice import VoiceConverter, VoiceModel
+    try:
+        model = VoiceModel.load(path)
+    except CheckpointError as e:
+        raise NoVoiceModel(str(e)) from None
+    if voice is not None and voice not in model.speakers:
+        raise NoVoiceModel(f"unknown voice '{voice}'; {path} has: {', '.join(model.speakers)}")
+    return VoiceConverter(model, voice, transpose)
 
 
 def stream_array(engine: StreamEngine, x: np.ndarray, block: int) -> np.ndarray:
@@ -56,11 +63,12 @@ def read_mono(path: str | Path) -> tuple[np.ndarray, int]:
     return data.mean(axis=1).astype(np.float32), int(rate)
 
 
-def convert_file(cfg: Config, src: str | Path, dst: str | Path, voice: str | None = None, block_ms: float = 10.0) -> dict:
+def convert_file(cfg: Config, src: str | Path, dst: str | Path, voice: str | None = None, transpose: float = 0.0,
+                 block_ms: float = 10.0) -> dict:
     """Convert ``src`` to ``dst`` at the source's sample rate; returns a summary dict."""
     import soundfile as sf
     x, rate = read_mono(src)
-    conv = load_converter(cfg, voice)
+    conv = load_converter(cfg, voice, transpose)
     if conv.name == PASSTHROUGH:
         print(f"rtvc: no voice model configured: output is a PASSTHROUGH of the input "
               f"(streamed through the engine at {rate} Hz <-> {conv.sample_rate} Hz)", file=sys.stderr)

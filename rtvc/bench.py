@@ -1,0 +1,97 @@
+"""``rtvc bench``: what the streaming converter costs on this CPU, per 10 ms chunk, per stage.
+
+Prints and saves JSON: parameters per stage, algorithmic latency (model and engine at 48 kHz), compute per
+chunk (median, p99) per stage and in total at 1 and 2 torch threads, and the real-time factor (total / hop).
+Uses ``paths.model`` when set, else a randomly initialised model of the configured size (cost does not depend
+on the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config
+from .converter import DelayConverter
+from .engine import StreamEngine
+from .voice import STAGES, VoiceConverter, VoiceModel, make_voice_model
+
+
+def _model(cfg: Config) -> tuple[VoiceModel, str]:
+    if cfg.paths.model:
+        return VoiceModel.load(cfg.paths.model), cfg.paths.model
+    return make_voice_model(cfg, ["a", "b", "c", "d"]), "random init (no paths.model)"
+
+
+def _speech_like(n: int, rate: int) -> np.ndarray:
+    """Voiced harmonic signal with a gliding pitch and pauses (exercises the pitch tracker realistically)."""
+    t = np.arange(n) / rate
+    f0 = 120 + 40 * np.sin(2 * np.pi * 0.5 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    x = sum(np.sin(k * phase) / k for k in range(1, 12)) * (np.sin(2 * np.pi * 1.5 * t) > -0.5)
+    return (0.2 * x).astype(np.float32)
+
+
+def measure(model: VoiceModel, seconds: float, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    vc = VoiceConverter(model, profile=True)
+    hop, rate = vc.hop, vc.sample_rate
+    x = _speech_like(int(seconds * rate) // hop * hop, rate)
+    for i in range(50):  # warm-up: first-call allocations, numba dispatch
+        vc.convert(x[i * hop:(i + 1) * hop])
+    vc.reset()
+    vc.times.samples = {k: [] for k in STAGES}
+    total = []
+    for i in range(x.shape[0] // hop):
+        t0 = time.perf_counter()
+        vc.convert(x[i * hop:(i + 1) * hop])
+        total.append(time.perf_counter() - t0)
+    hop_ms = 1000 * hop / rate
+    stages = {k: {"median_ms": 1000 * float(np.median(v)), "p99_ms": 1000 * float(np.percentile(v, 99))}
+              for k, v in vc.times.samples.items()}
+    tot = {"median_ms": 1000 * float(np.median(total)), "p99_ms": 1000 * float(np.percentile(total, 99))}
+    return {"threads": threads, "chunks": len(total), "stages": stages, "total": tot,
+            "rtf_median": tot["median_ms"] / hop_ms, "rtf_p99": tot["p99_ms"] / hop_ms}
+
+
+def run_bench(cfg: Config, out: str | Path, seconds: float = 5.0) -> dict:
+    model, source = _model(cfg)
+    params = {"encoder": model.vqvae.encoder, "vq": model.vqvae.vq, "decoder": model.vqvae.decoder,
+              "speakers": model.vqvae.speakers, "vocoder (student)": model.student}
+    n_params = {k: sum(p.numel() for p in m.parameters()) + (m.codebook.numel() if k == "vq" else 0)
+                for k, m in params.items()}
+    vc = VoiceConverter(model)
+    engine48 = StreamEngine(DelayConverter(vc.sample_rate, vc.hop, vc.latency), 48000, cfg.engine)
+    hop_ms = 1000 * vc.hop / vc.sample_rate
+    result = {
+        "command": "rtvc bench", "model": source, "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "params": n_params, "params_total": sum(n_params.values()),
+        "hop_ms": hop_ms,
+        "algorithmic_latency_ms": {"model": hop_ms + 1000 * vc.latency / vc.sample_rate,
+                                   "engine_at_model_rate": StreamEngine(vc, vc.sample_rate, cfg.engine).algorithmic_latency_ms,
+                                   "engine_at_48k": engine48.algorithmic_latency_ms},
+        "runs": [measure(model, seconds, th) for th in (1, 2)],
+    }
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"model: {source}")
+    print("parameters: " + ", ".join(f"{k} {v / 1e3:.1f}k" for k, v in n_params.items()) +
+          f" (total {result['params_total'] / 1e6:.2f}M)")
+    lat = result["algorithmic_latency_ms"]
+    print(f"algorithmic latency: model {lat['model']:.2f} ms, engine {lat['engine_at_model_rate']:.2f} ms at "
+          f"{vc.sample_rate} Hz, {lat['engine_at_48k']:.2f} ms at 48 kHz (+resampling)")
+    for run in result["runs"]:
+        print(f"-- {run['threads']} thread(s), {run['chunks']} chunks of {hop_ms:.0f} ms: median / p99 ms")
+        for k, v in run["stages"].items():
+            print(f"   {k:<9} {v['median_ms']:7.3f} {v['p99_ms']:7.3f}")
+        print(f"   {'total':<9} {run['total']['median_ms']:7.3f} {run['total']['p99_ms']:7.3f}   "
+              f"RTF {run['rtf_median']:.3f} (p99 {run['rtf_p99']:.3f})")
+    p = Path(out)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(result, indent=2))
+    print(f"saved {p}")
+    return result

@@ -1,0 +1,1 @@
+"""Corpus synthesis, preparation and training data."""

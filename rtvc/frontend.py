@@ -1,0 +1,188 @@
+"""Causal analysis: log-mel and YIN pitch per hop, from a window that *ends* at the newest sample.
+
+Frame ``t`` covers samples ``[(t+1)*hop - win, (t+1)*hop)``: it is complete the moment hop ``t`` has arrived,
+so analysis adds no lookahead (the window's centre lies (win/2) in the past; the models learn with that).
+Offline, the signal is left-padded with ``win - hop`` zeros; streaming, those samples come from the state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import librosa
+import numpy as np
+import torch
+from numba import njit
+
+from .config import ModelConfig
+from .streaming import StreamingModule
+
+# log-F0 normalisation shared by training and conversion: z = (ln f0 - LF0_MEAN) / LF0_STD
+LF0_MEAN, LF0_STD = math.log(150.0), 0.5
+LOG_EPS = 1e-5
+
+
+@dataclass
+class FrameState:
+    past: torch.Tensor  # [B, win - hop] the samples before the current hop
+
+
+class Frontend(StreamingModule):
+    """wav [B, N*hop] -> frames [B, N, win] -> normalised log-mel [B, n_mels, N] (+ F0 via :func:`yin`).
+
+    ``mel_mean`` / ``mel_std`` [n_mels] are corpus statistics set by data preparation and saved with models.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg, self.hop, self.win = cfg, cfg.hop_length, cfg.win_length
+        fb = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax)
+        self.register_buffer("fb", torch.from_numpy(fb).float(), persistent=False)  # [n_mels, n_fft//2+1]
+        self.register_buffer("window", torch.hann_window(self.win, periodic=True), persistent=False)
+        self.register_buffer("mel_mean", torch.zeros(cfg.n_mels))
+        self.register_buffer("mel_std", torch.ones(cfg.n_mels))
+
+    receptive_field = property(lambda self: self.win)
+
+    def init_state(self, batch, device, dtype):
+        return FrameState(torch.zeros(batch, self.win - self.hop, device=device, dtype=dtype))
+
+    def frames(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav [B, N*hop] -> [B, N, win]; streaming keeps the last ``win - hop`` samples."""
+        if wav.shape[-1] % self.hop:
+            raise ValueError(f"frontend input must be whole hops of {self.hop} samples, got {wav.shape[-1]}")
+        if not self.is_streaming:
+            full = torch.nn.functional.pad(wav, (self.win - self.hop, 0))
+        else:
+            st: FrameState = self._state  # type: ignore[assignment]
+            full = torch.cat([st.past, wav], dim=1)
+            st.past.copy_(full[:, full.shape[1] - (self.win - self.hop):])
+        return full.unfold(1, self.win, self.hop)
+
+    def log_mel(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames [B, N, win] -> log-mel [B, n_mels, N] (un-normalised)."""
+        spec = torch.fft.rfft(frames * self.window, n=self.cfg.n_fft)
+        power = spec.real.square() + spec.imag.square()
+        return torch.log(torch.clamp(self.fb @ power.transpose(1, 2), min=LOG_EPS))
+
+    def normalize(self, log_mel: torch.Tensor) -> torch.Tensor:
+        return (log_mel - self.mel_mean[:, None]) / self.mel_std[:, None]
+
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """wav [B, N*hop] -> (normalised log-mel [B, n_mels, N], frames [B, N, win] for pitch tracking)."""
+        fr = self.frames(wav)
+        return self.normalize(self.log_mel(fr)), fr
+
+
+# ------------------------------------------------------------------------------------------------ pitch
+
+@njit(cache=True)
+def _yin(frames, sr, fmin, fmax, threshold, dec, f0, voiced):  # pragma: no cover - numba
+    n, w = frames.shape
+    m = w // dec
+    x = np.empty(m, np.float64)
+    rate = sr / dec
+    tau_min = max(2, int(rate / fmax))
+    tau_max = min(m // 2, int(math.ceil(rate / fmin)))
+    wi = m - tau_max
+    d = np.empty(tau_max + 2, np.float64)
+    for i in range(n):
+        # decimate by averaging `dec` samples: the pitch search needs no more than ~12 kHz
+        energy = 0.0
+        for j in range(m):
+            acc = 0.0
+            for k in range(dec):
+                acc += frames[i, j * dec + k]
+            x[j] = acc / dec
+            energy += x[j] * x[j]
+        f0[i] = 0.0
+        voiced[i] = False
+        if energy / m < 1e-7:  # below -70 dBFS: silence
+            continue
+        # YIN difference function and cumulative-mean normalisation
+        d[0] = 1.0
+        run = 0.0
+        for tau in range(1, tau_max + 1):
+            s = 0.0
+            for j in range(wi):
+                diff = x[j] - x[j + tau]
+                s += diff * diff
+            run += s
+            d[tau] = s * tau / run if run > 0 else 1.0
+        best = -1
+        for tau in range(tau_min, tau_max):
+            if d[tau] < threshold:
+                while tau + 1 < tau_max and d[tau + 1] < d[tau]:
+                    tau += 1
+                best = tau
+                break
+        if best < 0:
+            continue
+        # parabolic interpolation of the dip
+        a, b, c = d[best - 1], d[best], d[best + 1]
+        den = a - 2 * b + c
+        shift = 0.5 * (a - c) / den if den > 0 else 0.0
+        f0[i] = rate / (best + shift)
+        voiced[i] = True
+
+
+def yin(frames: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """frames [N, win] float32 -> (f0 Hz [N], voiced bool [N]); frame by frame, so streaming == offline."""
+    frames = np.ascontiguousarray(frames, dtype=np.float32)
+    n = frames.shape[0]
+    f0, voiced = np.zeros(n, np.float64), np.zeros(n, np.bool_)
+    dec = max(1, cfg.sample_rate // 12000)
+    _yin(frames, float(cfg.sample_rate), cfg.f0_min, cfg.f0_max, cfg.yin_threshold, dec, f0, voiced)
+    return f0.astype(np.float32), voiced
+
+
+def lf0_features(f0: np.ndarray, voiced: np.ndarray, last: float = 0.0) -> tuple[np.ndarray, float]:
+    """Decoder pitch input [2, N]: normalised log-F0 (held through unvoiced frames: causal) and voicing.
+
+    ``last`` is the held value before the first frame (streaming state); returns the new held value.
+    """
+    z = np.zeros((2, f0.shape[0]), np.float32)
+    for i in range(f0.shape[0]):
+        if voiced[i] and f0[i] > 0:
+            last = (math.log(float(f0[i])) - LF0_MEAN) / LF0_STD
+        z[0, i] = last
+        z[1, i] = float(voiced[i])
+    return z, last
+
+
+@dataclass
+class PitchStats:
+    """Mean / std of voiced ln F0 for one speaker."""
+
+    mean: float
+    std: float
+
+
+class PitchMapper:
+    """Maps source F0 to the target speaker's range: z-score under the source's *running* statistics (causal:
+    exponential forgetting from a prior), then target mean/std, plus a transpose in semitones."""
+
+    def __init__(self, prior: PitchStats, tau_frames: float = 300.0) -> None:
+        self.prior, self.alpha = prior, 1.0 / tau_frames
+        self.reset()
+
+    def reset(self) -> None:
+        self.mean, self.var, self.seen = self.prior.mean, self.prior.std ** 2, 0.0
+
+    def __call__(self, f0: np.ndarray, voiced: np.ndarray, target: PitchStats, transpose: float) -> np.ndarray:
+        out = np.zeros_like(f0)
+        shift = transpose * math.log(2.0) / 12.0
+        for i in range(f0.shape[0]):
+            if not (voiced[i] and f0[i] > 0):
+                continue
+            lf = math.log(float(f0[i]))
+            # running estimate: trust the prior until ~1/alpha voiced frames were seen
+            self.seen += 1.0
+            a = max(self.alpha, 1.0 / (self.seen + 20.0))
+            delta = lf - self.mean
+            self.mean += a * delta
+            self.var = (1 - a) * (self.var + a * delta * delta)
+            z = (lf - self.mean) / math.sqrt(max(self.var, 1e-4))
+            out[i] = math.exp(target.mean + z * target.std + shift)
+        return out

@@ -1,0 +1,389 @@
+"""``rtvc train vqvae|teacher|student``: training loops with progress bars, validation samples, resumable
+checkpoints (full config inside) and DistributedDataParallel under ``torchrun`` (gloo on CPU, nccl on GPU).
+
+Stages: the VQ-VAE on mels; the Parallel WaveGAN teacher on ground-truth mels (multi-resolution STFT loss, then
++ adversarial); the causal student distilled from the teacher's waveforms, then fine-tuned on the VQ-VAE's
+decoder mels against the real audio, so it matches what it gets at conversion time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config
+from .data.dataset import Corpus, SegmentDataset
+from .frontend import PitchStats
+from .vocoder import Discriminator, MultiResolutionSTFTLoss, Student, Teacher
+from .voice import VoiceModel
+from .vqvae import VQVAE
+
+STAGES = ("vqvae", "teacher", "student")
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Dist(rank, world, device)
+
+
+def vqvae_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction (L1 + L2 on normalised mel) + commitment. ``model`` may be DDP-wrapped."""
+    out = model(batch["mel"], batch["speaker"], batch["pitch"])
+    l1 = F.l1_loss(out["mel"], batch["mel"])
+    l2 = F.mse_loss(out["mel"], batch["mel"])
+    loss = l1 + l2 + out["commit"]
+    return loss, {"loss": loss.item(), "l1": l1.item(), "commit": out["commit"].item(),
+                  "ppl": out["perplexity"].item()}
+
+
+def stft_loss(stft: MultiResolutionSTFTLoss, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    sc, mag = stft(y_hat.reshape(y_hat.shape[0], -1), y.reshape(y.shape[0], -1))
+    return sc + mag
+
+
+class StageRunner:
+    """Shared machinery: models/optimisers, checkpoint resume, DDP, the loop, validation cadence."""
+
+    def __init__(self, stage: str, cfg: Config, cache: str | Path, ckpt_dir: str | Path, d: Dist) -> None:
+        self.stage, self.cfg, self.d = stage, cfg, d
+        self.ckpt_dir = Path(ckpt_dir)
+        self.path = self.ckpt_dir / f"{stage}.pt"
+        self.corpus = Corpus(cache, cfg.model)
+        self.models: dict[str, nn.Module] = {}
+        self.optims: dict[str, torch.optim.Optimizer] = {}
+        self.step = 0
+
+    def add(self, name: str, model: nn.Module, train: bool = True) -> nn.Module:
+        model = model.to(self.d.device)
+        self.models[name] = model
+        if train:
+            self.optims[name] = torch.optim.Adam(model.parameters(), lr=self.cfg.train.learning_rate, betas=(0.5, 0.9))
+        return model
+
+    def stats(self) -> dict:
+        c = self.corpus
+        return {"speakers": c.speakers, "mel_mean": c.mel_mean.tolist(), "mel_std": c.mel_std.tolist(),
+                "pitch": {k: [v.mean, v.std] for k, v in c.pitch.items()}, "prior": [c.prior.mean, c.prior.std]}
+
+    def resume(self) -> None:
+        if not self.path.is_file():
+            return
+        ck = load_checkpoint(self.path, kind=self.stage)
+        if Config.from_dict(ck["config"]).model != self.cfg.model:
+            raise CheckpointError(f"{self.path} was trained with another [model] config; use --restart")
+        for k, m in self.models.items():
+            if k in ck["models"]:
+                m.load_state_dict(ck["models"][k])
+        for k, o in self.optims.items():
+            if k in ck["optims"]:
+                o.load_state_dict(ck["optims"][k])
+        self.step = int(ck["step"])
+
+    def save(self) -> None:
+        if not self.d.main:
+            return
+        save_checkpoint(self.path, {"kind": self.stage, "config": self.cfg.to_dict(), "step": self.step,
+                                    "stats": self.stats(), "models": {k: m.state_dict() for k, m in self.models.items()},
+                                    "optims": {k: o.state_dict() for k, o in self.optims.items()}})
+
+    def loader(self, frames: int, steps: int, with_wav: bool) -> DataLoader:
+        t = self.cfg.train
+        per_rank = max(1, t.batch_size // self.d.world)
+        ds = SegmentDataset(self.corpus, "train", frames, per_rank * self.d.world * steps, t.seed + self.step, with_wav)
+        sampler = DistributedSampler(ds, self.d.world, self.d.rank, shuffle=False) if self.d.world > 1 else None
+        return DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=t.num_workers, drop_last=True,
+                          persistent_workers=False)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return DDP(model) if self.d.world > 1 else model
+
+    def loop(self, total: int, frames: int, with_wav: bool, step_fn: Callable[[dict], dict[str, float]],
+             validate: Callable[[], dict[str, float]], progress: bool = True) -> None:
+        remaining = total - self.step
+        if remaining <= 0:
+            if self.d.main:
+                print(f"{self.stage}: already at step {self.step} >= {total}; nothing to do")
+            return
+        t = self.cfg.train
+        bar = tqdm(total=total, initial=self.step, desc=self.stage, disable=not (progress and self.d.main))
+        for batch in self.loader(frames, remaining, with_wav):
+            batch = {k: v.to(self.d.device) for k, v in batch.items()}
+            logs = step_fn(batch)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+            if self.d.main and (self.step % t.validate_every == 0 or self.step == total):
+                val = validate()
+                bar.write(f"{self.stage} step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+            if self.step % t.checkpoint_every == 0 or self.step == total:
+                self.save()
+        bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+def _batch_segments(corpus: Corpus, frames: int, n: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    ds = SegmentDataset(corpus, "val", frames, n, seed, with_wav=True)
+    items = [ds[i] for i in range(n)]
+    return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+
+
+def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int | None = None,
+                progress: bool = True) -> Path:
+    d = setup_distributed()
+    torch.manual_seed(cfg.train.seed)
+    r = StageRunner("vqvae", cfg, cache, ckpt_dir, d)
+    model = r.add("vqvae", VQVAE(cfg.model.n_mels, len(r.corpus.speakers), cfg.vqvae))
+    r.resume()
+    net, opt = r.wrap(model), r.optims["vqvae"]
+
+    def step(batch: dict) -> dict[str, float]:
+        model.train()
+        loss, logs = vqvae_loss(net, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        return logs
+
+    def validate() -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            b = _batch_segments(r.corpus, cfg.train.segment_hops, 8, d.device, 0)
+            _, logs = vqvae_loss(model, b)
+            used = int((model.vq.ema_count / model.vq.ema_count.sum() > 1e-3).sum())
+            _save_sample(r, b, model)
+        return {**{f"val_{k}": v for k, v in logs.items()}, "codes_used": used}
+
+    r.loop(steps or cfg.train.vqvae_steps, cfg.train.segment_hops, False, step, validate, progress)
+    return r.path
+
+
+def _adversarial(r: StageRunner, gen_loss: torch.Tensor, y_hat: torch.Tensor, y: torch.Tensor,
+                 disc: nn.Module) -> tuple[torch.Tensor, dict[str, float]]:
+    """LSGAN: adds the generator's adversarial term once ``adversarial_start`` is reached; steps D."""
+    t = r.cfg.train
+    if r.step < t.adversarial_start:
+        return gen_loss, {}
+    opt_d = r.optims["disc"]
+    d_loss = F.mse_loss(disc(y), torch.ones_like(y)) + F.mse_loss(disc(y_hat.detach()), torch.zeros_like(y))
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_d.step()
+    adv = F.mse_loss(disc(y_hat), torch.ones_like(y_hat))  # after the D step: its graph sees the new weights
+    return gen_loss + t.adversarial_weight * adv, {"adv": adv.item(), "d": d_loss.item()}
+
+
+def train_teacher(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int | None = None,
+                  progress: bool = True) -> Path:
+    d = setup_distributed()
+    torch.manual_seed(cfg.train.seed)
+    r = StageRunner("teacher", cfg, cache, ckpt_dir, d)
+    teacher = r.add("teacher", Teacher(cfg.model.n_mels, cfg.teacher))
+    disc = r.wrap(r.add("disc", Discriminator()))
+    r.resume()
+    net, opt = r.wrap(teacher), r.optims["teacher"]
+    stft = MultiResolutionSTFTLoss(cfg.train).to(d.device)
+
+    def step(batch: dict) -> dict[str, float]:
+        teacher.train()
+        y = batch["wav"][:, None]
+        y_hat = net(batch["mel"])
+        loss = stft_loss(stft, y_hat, y)
+        logs = {"stft": loss.item()}
+        loss, adv_logs = _adversarial(r, loss, y_hat, y, disc)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(teacher.parameters(), 10.0)
+        opt.step()
+        return {**logs, **adv_logs}
+
+    def validate() -> dict[str, float]:
+        teacher.eval()
+        with torch.no_grad():
+            b = _batch_segments(r.corpus, cfg.train.vocoder_segment_hops, 4, d.device, 0)
+            y_hat = teacher(b["mel"])
+            _save_audio(r, b["wav"][0], y_hat[0, 0], b["mel"][0])
+            return {"val_stft": stft_loss(stft, y_hat, b["wav"][:, None]).item()}
+
+    r.loop(steps or cfg.train.teacher_steps, cfg.train.vocoder_segment_hops, True, step, validate, progress)
+    return r.path
+
+
+def _load_stage(stage: str, ckpt_dir: Path, build: Callable[[Config], nn.Module], device) -> nn.Module:
+    path = ckpt_dir / f"{stage}.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: run `rtvc train {stage}` first")
+    ck = load_checkpoint(path, kind=stage)
+    m = build(Config.from_dict(ck["config"]))
+    m.load_state_dict(ck["models"][stage])
+    return m.to(device).eval()
+
+
+def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int | None = None,
+                  progress: bool = True) -> Path:
+    d = setup_distributed()
+    torch.manual_seed(cfg.train.seed)
+    ckpt_dir = Path(ckpt_dir)
+    r = StageRunner("student", cfg, cache, ckpt_dir, d)
+    n_spk = len(r.corpus.speakers)
+    teacher = _load_stage("teacher", ckpt_dir, lambda c: Teacher(c.model.n_mels, c.teacher), d.device)
+    vqvae = _load_stage("vqvae", ckpt_dir, lambda c: VQVAE(c.model.n_mels, n_spk, c.vqvae), d.device)
+    student = r.add("student", Student(cfg.model.n_mels, cfg.student))
+    disc = r.wrap(r.add("disc", Discriminator()))
+    r.resume()
+    net, opt = r.wrap(student), r.optims["student"]
+    stft = MultiResolutionSTFTLoss(cfg.train).to(d.device)
+    total = steps or cfg.train.student_steps
+    finetune_from = total - min(cfg.train.student_finetune_steps, total // 2)
+
+    def step(batch: dict) -> dict[str, float]:
+        student.train()
+        with torch.no_grad():
+            if r.step < finetune_from:  # distillation: imitate the teacher on ground-truth mels
+                mel, target = batch["mel"], teacher(batch["mel"])
+            else:  # fine-tuning: the VQ-VAE's decoder mels, against the real audio
+                mel, target = vqvae(batch["mel"], batch["speaker"], batch["pitch"])["mel"], batch["wav"][:, None]
+        y_hat = net(mel)
+        loss = stft_loss(stft, y_hat, target)
+        logs = {"stft": loss.item(), "phase": float(r.step >= finetune_from)}
+        loss, adv_logs = _adversarial(r, loss, y_hat, batch["wav"][:, None], disc)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(student.parameters(), 10.0)
+        opt.step()
+        return {**logs, **adv_logs}
+
+    def validate() -> dict[str, float]:
+        student.eval()
+        with torch.no_grad():
+            b = _batch_segments(r.corpus, cfg.train.vocoder_segment_hops, 4, d.device, 0)
+            y_hat = student(b["mel"])
+            _save_audio(r, b["wav"][0], y_hat[0, 0], b["mel"][0])
+            return {"val_stft_vs_audio": stft_loss(stft, y_hat, b["wav"][:, None]).item(),
+                    "val_stft_vs_teacher": stft_loss(stft, y_hat, teacher(b["mel"])).item()}
+
+    r.loop(total, cfg.train.vocoder_segment_hops, True, step, validate, progress)
+    if d.main:
+        export_voice_model(ckpt_dir, ckpt_dir / "model.pt")
+    return r.path
+
+
+TRAINERS = {"vqvae": train_vqvae, "teacher": train_teacher, "student": train_student}
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+def export_voice_model(ckpt_dir: str | Path, out: str | Path) -> Path:
+    """Bundle vqvae.pt + student.pt (+ corpus statistics) into one small inference file for `paths.model`."""
+    ckpt_dir = Path(ckpt_dir)
+    vq = load_checkpoint(ckpt_dir / "vqvae.pt", kind="vqvae")
+    st = load_checkpoint(ckpt_dir / "student.pt", kind="student")
+    cfg = Config.from_dict(st["config"])
+    cfg = cfg.replace(**{f"vqvae.{k}": v for k, v in Config.from_dict(vq["config"]).to_dict()["vqvae"].items()})
+    s = vq["stats"]
+    model = VoiceModel(cfg, s["speakers"], {k: PitchStats(*v) for k, v in s["pitch"].items()}, PitchStats(*s["prior"]))
+    model.vqvae.load_state_dict(vq["models"]["vqvae"])
+    model.student.load_state_dict(st["models"]["student"])
+    model.frontend.mel_mean.copy_(torch.tensor(s["mel_mean"]))
+    model.frontend.mel_std.copy_(torch.tensor(s["mel_std"]))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, model.state_for_file())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ samples
+
+def _save_audio(r: StageRunner, ref: torch.Tensor, gen: torch.Tensor, mel: torch.Tensor) -> None:
+    import soundfile as sf
+    out = r.ckpt_dir / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{r.stage}_{r.step:07d}"
+    sf.write(f"{stem}.wav", gen.detach().cpu().numpy().clip(-1, 1), r.cfg.model.sample_rate)
+    _spectrogram_png(f"{stem}.png", {"input mel": mel.cpu().numpy(), "reference": _logspec(ref), "generated": _logspec(gen)})
+
+
+def _save_sample(r: StageRunner, b: dict, model: VQVAE) -> None:
+    """VQ-VAE validation: reconstruct one segment and convert it to another speaker; vocode with the teacher or
+    student checkpoint when one exists (Griffin-Lim otherwise)."""
+    n_spk = len(r.corpus.speakers)
+    other = (b["speaker"][:1] + 1) % n_spk
+    rec = model(b["mel"][:1], b["speaker"][:1], b["pitch"][:1])["mel"]
+    conv = model(b["mel"][:1], other, b["pitch"][:1])["mel"]
+    out = r.ckpt_dir / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"vqvae_{r.step:07d}"
+    _spectrogram_png(f"{stem}.png", {"source": b["mel"][0].cpu().numpy(), "reconstructed": rec[0].cpu().numpy(),
+                                     f"as {r.corpus.speakers[int(other)]}": conv[0].cpu().numpy()})
+    import soundfile as sf
+    sf.write(f"{stem}_converted.wav", _vocode(r, conv[0]), r.cfg.model.sample_rate)
+
+
+def _vocode(r: StageRunner, mel: torch.Tensor) -> np.ndarray:
+    for stage, build in (("student", lambda c: Student(c.model.n_mels, c.student)),
+                         ("teacher", lambda c: Teacher(c.model.n_mels, c.teacher))):
+        if (r.ckpt_dir / f"{stage}.pt").is_file():
+            try:
+                voc = _load_stage(stage, r.ckpt_dir, build, mel.device)
+                with torch.no_grad():
+                    return voc(mel[None])[0, 0].cpu().numpy().clip(-1, 1)
+            except (CheckpointError, RuntimeError):
+                pass
+    import librosa
+    m = r.cfg.model
+    logmel = mel.cpu().numpy() * r.corpus.mel_std[:, None] + r.corpus.mel_mean[:, None]
+    return librosa.feature.inverse.mel_to_audio(np.exp(logmel), sr=m.sample_rate, n_fft=m.n_fft, hop_length=m.hop_length,
+                                                win_length=m.win_length, power=2.0, fmin=m.fmin, fmax=m.fmax, n_iter=16)
+
+
+def _logspec(wav: torch.Tensor) -> np.ndarray:
+    w = wav.detach().float().cpu().reshape(-1)
+    s = torch.stft(w, 1024, 240, 960, torch.hann_window(960), return_complex=True).abs()
+    return torch.log(s.clamp(min=1e-5)).numpy()
+
+
+def _spectrogram_png(path: str, panels: dict[str, np.ndarray]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.2 * len(panels)), squeeze=False)
+    for ax, (title, img) in zip(axes[:, 0], panels.items()):
+        ax.imshow(img, origin="lower", aspect="auto", interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

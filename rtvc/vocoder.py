@@ -1,0 +1,175 @@
+"""Vocoders: the offline Parallel WaveGAN teacher, the small causal streaming student, the discriminator and
+the multi-resolution STFT loss.
+
+Teacher (Yamamoto et al. 2020): noise [B, 1, T] + upsampled mel -> 30 non-causal dilated gated layers.
+Student: no noise, causal everywhere; its residual stack runs at ``sample_rate / r`` (r = last upsample
+factor) and a sub-pixel head emits r samples per step, so one 10 ms hop costs 60 steps instead of 240.
+In streaming, each student layer is *one GEMM*: the dilated taps of x and the conditioning are stacked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import StudentConfig, TeacherConfig, TrainConfig
+from .streaming import CausalConv1d, StreamingModule, gemm, receptive_field
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+
+class _TeacherLayer(nn.Module):
+    def __init__(self, res: int, gate: int, skip: int, aux: int, k: int, dilation: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(res, gate, k, padding=(k - 1) // 2 * dilation, dilation=dilation)
+        self.aux = nn.Conv1d(aux, gate, 1, bias=False)
+        self.out = nn.Conv1d(gate // 2, res + skip, 1)
+        self.res = res
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = (self.conv(x) + self.aux(c)).chunk(2, dim=1)
+        o = self.out(torch.tanh(a) * torch.sigmoid(b))
+        return (x + o[:, : self.res]) * math.sqrt(0.5), o[:, self.res:]
+
+
+class Teacher(nn.Module):
+    """Parallel WaveGAN generator. mel [B, n_mels, N] (+ noise [B, 1, N*hop]) -> wav [B, 1, N*hop]."""
+
+    def __init__(self, n_mels: int, cfg: TeacherConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.upsample = nn.ModuleList()
+        for f in cfg.upsample_factors:  # nearest stretch + smoothing along time only, as in PWG
+            conv = nn.Conv2d(1, 1, (1, 2 * f + 1), padding=(0, f), bias=False)
+            nn.init.constant_(conv.weight, 1.0 / (2 * f + 1))
+            self.upsample.append(conv)
+        self.first = nn.Conv1d(1, cfg.residual_channels, 1)
+        per = cfg.layers // cfg.stacks
+        self.layers = nn.ModuleList(
+            _TeacherLayer(cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, n_mels, cfg.kernel_size, 2 ** (i % per))
+            for i in range(cfg.layers))
+        self.last = nn.Sequential(nn.ReLU(), nn.Conv1d(cfg.skip_channels, cfg.skip_channels, 1), nn.ReLU(),
+                                  nn.Conv1d(cfg.skip_channels, 1, 1))
+
+    def upsample_mel(self, mel: torch.Tensor) -> torch.Tensor:
+        c = mel[:, None]
+        for f, conv in zip(self.cfg.upsample_factors, self.upsample):
+            c = conv(c.repeat_interleave(f, dim=3))
+        return c[:, 0]
+
+    def forward(self, mel: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.upsample_mel(mel)
+        if noise is None:
+            noise = torch.randn(mel.shape[0], 1, c.shape[2], device=mel.device, dtype=mel.dtype)
+        x, skips = self.first(noise), 0.0
+        for layer in self.layers:
+            x, s = layer(x, c)
+            skips = skips + s
+        return self.last(skips * math.sqrt(1.0 / len(self.layers)))
+
+
+# ------------------------------------------------------------------------------------------------ student
+
+class _StudentLayer(StreamingModule):
+    """Causal gated layer; conditioning ``c`` enters the same GEMM as the dilated taps of ``x``."""
+
+    def __init__(self, ch: int, aux: int, k: int, dilation: int) -> None:
+        super().__init__()
+        self.conv = CausalConv1d(ch, 2 * ch, k, dilation)
+        self.aux = nn.Conv1d(aux, 2 * ch, 1, bias=False)
+        self.out = nn.Conv1d(ch, 2 * ch, 1)  # residual half, skip half
+        self.ch = ch
+
+    def init_state(self, batch, device, dtype):
+        self._w = torch.cat([self.conv.gemm_weight(), self.aux.weight[:, :, 0]], dim=1).detach().contiguous()
+        self._b = self.conv.bias.detach()[:, None].contiguous()
+        self._wo, self._bo = self.out.weight[:, :, 0].detach().contiguous(), self.out.bias.detach()[:, None].contiguous()
+        return None
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.conv.is_streaming:
+            h = gemm(self._w, self._b, torch.cat([self.conv.taps(x), c], dim=1))
+            a, b = h.chunk(2, dim=1)
+            o = gemm(self._wo, self._bo, torch.tanh(a) * torch.sigmoid(b))
+        else:
+            a, b = (self.conv(x) + self.aux(c)).chunk(2, dim=1)
+            o = self.out(torch.tanh(a) * torch.sigmoid(b))
+        return x + o[:, : self.ch], o[:, self.ch:]
+
+
+class Student(StreamingModule):
+    """Causal streaming vocoder. mel [B, n_mels, N] -> wav [B, 1, N*hop]; ``hop`` samples per mel frame."""
+
+    def __init__(self, n_mels: int, cfg: StudentConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        *ups, self.sub = cfg.upsample_factors
+        a, ch = cfg.aux_channels, cfg.residual_channels
+        self.cond = CausalConv1d(n_mels, a, 2)
+        self.ups = nn.ModuleList(CausalConv1d(a, a, 3) for _ in ups)
+        self.first = CausalConv1d(a, ch, 1)
+        per = cfg.layers // cfg.stacks
+        self.layers = nn.ModuleList(_StudentLayer(ch, a, cfg.kernel_size, 2 ** (i % per)) for i in range(cfg.layers))
+        self.head1 = CausalConv1d(ch, ch, 1)
+        self.head2 = CausalConv1d(ch, self.sub, 1)
+
+    @property
+    def receptive_field(self) -> int:
+        """In output samples."""
+        return receptive_field([l.conv for l in self.layers]) * self.sub
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        c = F.leaky_relu(self.cond(mel), 0.2)
+        for f, conv in zip(self.cfg.upsample_factors, self.ups):
+            c = F.leaky_relu(conv(c.repeat_interleave(f, dim=2)), 0.2)
+        x, skips = self.first(c), None
+        for layer in self.layers:
+            x, s = layer(x, c)
+            skips = s if skips is None else skips + s
+        y = self.head2(F.leaky_relu(self.head1(F.leaky_relu(skips, 0.2)), 0.2))  # [B, sub, T/sub]
+        return y.transpose(1, 2).reshape(y.shape[0], 1, -1)  # sub-pixel: step t emits samples t*sub .. t*sub+sub-1
+
+
+# ------------------------------------------------------------------------------------------ discriminator
+
+class Discriminator(nn.Module):
+    """Parallel WaveGAN discriminator: 10 dilated conv layers, 64 channels. wav [B, 1, T] -> scores [B, 1, T]."""
+
+    def __init__(self, layers: int = 10, channels: int = 64) -> None:
+        super().__init__()
+        mods: list[nn.Module] = []
+        c_in = 1
+        for i in range(layers - 1):
+            d = 1 if i == 0 else i
+            mods += [nn.Conv1d(c_in, channels, 3, padding=d, dilation=d), nn.LeakyReLU(0.2)]
+            c_in = channels
+        mods.append(nn.Conv1d(c_in, 1, 3, padding=1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        return self.net(wav)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+class MultiResolutionSTFTLoss(nn.Module):
+    """Spectral convergence + log-magnitude L1, averaged over resolutions. y_hat, y [B, T] -> (sc, mag)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.res = list(zip(cfg.stft_fft_sizes, cfg.stft_hop_sizes, cfg.stft_win_sizes))
+        for i, (_, _, w) in enumerate(self.res):
+            self.register_buffer(f"win{i}", torch.hann_window(w), persistent=False)
+
+    def forward(self, y_hat: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sc = mag = 0.0
+        for i, (n_fft, hop, win) in enumerate(self.res):
+            w = getattr(self, f"win{i}")
+            s_hat = torch.stft(y_hat, n_fft, hop, win, w, return_complex=True).abs().clamp(min=1e-7)
+            s = torch.stft(y, n_fft, hop, win, w, return_complex=True).abs().clamp(min=1e-7)
+            sc = sc + torch.linalg.norm(s - s_hat) / torch.linalg.norm(s).clamp(min=1e-7)
+            mag = mag + F.l1_loss(torch.log(s_hat), torch.log(s))
+        return sc / len(self.res), mag / len(self.res)

@@ -1,0 +1,180 @@
+"""VoiceConverter: frontend -> encoder -> VQ -> decoder -> student vocoder, one hop at a time.
+
+The same ``_run`` serves streaming (inside the modules' streaming state) and offline (whole utterance, no
+state), so ``convert_offline(x) == concat(convert(hop) for hop in x)`` up to float rounding (tests: 1e-5).
+Algorithmic latency: one hop (the frontend's window ends at the newest sample; every conv is causal; the
+student emits the samples of hop t from mel frame t), i.e. 10 ms at the default config, before resampling.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .config import Config
+from .frontend import Frontend, PitchMapper, PitchStats, lf0_features, yin
+from .streaming import StreamingModule
+from .vocoder import Student
+from .vqvae import VQVAE
+
+
+STAGES = ("frontend", "pitch", "encoder", "vq", "decoder", "vocoder")
+
+
+@dataclass
+class StageTimes:
+    """Seconds per call of each stage (filled only when profiling)."""
+
+    samples: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in STAGES})
+
+
+class VoiceModel(StreamingModule):
+    """The streaming stack's modules, built from a config (what a voice-model file holds)."""
+
+    def __init__(self, cfg: Config, speakers: list[str], pitch: dict[str, PitchStats], prior: PitchStats) -> None:
+        super().__init__()
+        if not speakers:
+            raise ValueError("a voice model needs at least one speaker")
+        self.cfg, self.speakers, self.pitch, self.prior = cfg, list(speakers), dict(pitch), prior
+        self.frontend = Frontend(cfg.model)
+        self.vqvae = VQVAE(cfg.model.n_mels, len(speakers), cfg.vqvae)
+        self.student = Student(cfg.model.n_mels, cfg.student)
+
+    def speaker_id(self, name: str) -> int:
+        if name not in self.speakers:
+            raise KeyError(f"unknown voice '{name}'; this model has: {', '.join(self.speakers)}")
+        return self.speakers.index(name)
+
+    def state_for_file(self) -> dict:
+        return {"kind": "voice_model", "config": self.cfg.to_dict(), "speakers": self.speakers,
+                "pitch": {k: [v.mean, v.std] for k, v in self.pitch.items()}, "prior": [self.prior.mean, self.prior.std],
+                "frontend": self.frontend.state_dict(), "vqvae": self.vqvae.state_dict(),
+                "student": self.student.state_dict()}
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.state_for_file(), str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "VoiceModel":
+        ck = load_checkpoint(path, kind="voice_model")
+        m = cls(Config.from_dict(ck["config"]), ck["speakers"],
+                {k: PitchStats(*v) for k, v in ck["pitch"].items()}, PitchStats(*ck["prior"]))
+        m.frontend.load_state_dict(ck["frontend"])
+        m.vqvae.load_state_dict(ck["vqvae"])
+        m.student.load_state_dict(ck["student"])
+        return m.eval()
+
+
+class VoiceConverter:
+    """Implements the engine's :class:`~rtvc.converter.Converter` for one target voice (switchable)."""
+
+    def __init__(self, model: VoiceModel, voice: str | None = None, transpose: float = 0.0,
+                 device: str | torch.device = "cpu", profile: bool = False) -> None:
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        cfg = model.cfg.model
+        self.cfg, self.sample_rate, self.hop, self.latency = model.cfg, cfg.sample_rate, cfg.hop_length, 0
+        self.mapper = PitchMapper(model.prior)
+        self.transpose = float(transpose)
+        self._set_voice(voice or model.speakers[0])
+        self.profile, self.times = profile, StageTimes()
+        self._held = 0.0
+        self.model.start_streaming(1)
+
+    def _set_voice(self, voice: str) -> None:
+        idx = self.model.speaker_id(voice)
+        self.voice = voice
+        self.name = voice
+        with torch.no_grad():
+            self._spk = self.model.vqvae.speakers.weight[idx:idx + 1].detach().clone()
+        self._target = self.model.pitch.get(voice, self.model.prior)
+
+    def with_voice(self, voice: str, transpose: float | None = None) -> "VoiceConverter":
+        """A converter for another voice that *continues* this one's streaming state (for a crossfade)."""
+        other = copy.copy(self)
+        other.model = copy.deepcopy(self.model)  # modules carry the state: copy both
+        other.mapper = copy.deepcopy(self.mapper)
+        other.times = StageTimes()
+        other._set_voice(voice)
+        if transpose is not None:
+            other.transpose = float(transpose)
+        return other
+
+    # ------------------------------------------------------------------------------------------ run
+    def _tick(self, name: str, t0: float) -> float:
+        t = time.perf_counter()
+        if self.profile:
+            self.times.samples[name].append(t - t0)
+        return t
+
+    @torch.inference_mode()
+    def _run(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav [1, N*hop] -> [1, N*hop]; streaming or offline depending on the modules' mode."""
+        m = self.model
+        t = time.perf_counter()
+        mel, frames = m.frontend(wav)
+        t = self._tick("frontend", t)
+        fr = frames[0].float().cpu().numpy()
+        f0, voiced = yin(fr, self.cfg.model)
+        f0 = self.mapper(f0, voiced, self._target, self.transpose)
+        pitch, self._held = lf0_features(f0, voiced, self._held)
+        pitch_t = torch.from_numpy(pitch)[None].to(self.device)
+        t = self._tick("pitch", t)
+        z = m.vqvae.encoder(mel)
+        t = self._tick("encoder", t)
+        zf = z[0].t()
+        q = m.vqvae.vq.codebook[m.vqvae.vq.nearest(zf)].t()[None]
+        t = self._tick("vq", t)
+        mel_hat = m.vqvae.decoder(q, self._spk, pitch_t)
+        t = self._tick("decoder", t)
+        y = m.student(mel_hat)[:, 0]
+        self._tick("vocoder", t)
+        return y
+
+    def convert(self, x: np.ndarray) -> np.ndarray:
+        """One or more whole hops [k*hop] float32 -> same length, streaming."""
+        if x.ndim != 1 or x.shape[0] % self.hop or x.shape[0] == 0:
+            raise ValueError(f"{self.name}: expected whole hops of {self.hop} samples, got shape {x.shape}")
+        wav = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self.device)
+        return self._run(wav)[0].cpu().numpy()
+
+    def reset(self) -> None:
+        self.model.reset_streaming()
+        self.mapper.reset()
+        self._held = 0.0
+
+    def convert_offline(self, x: np.ndarray) -> np.ndarray:
+        """Whole utterance [n] (padded to whole hops, then trimmed back) in one offline forward, no state.
+
+        Afterwards the streaming state is fresh (as after :meth:`reset`)."""
+        n = x.shape[0]
+        pad = (-n) % self.hop
+        wav = torch.from_numpy(np.pad(np.asarray(x, np.float32), (0, pad)))[None].to(self.device)
+        saved = (self.mapper, self._held)
+        self.mapper, self._held = copy.deepcopy(self.mapper), 0.0
+        self.mapper.reset()
+        self.model.stop_streaming()
+        try:
+            return self._run(wav)[0, :n].cpu().numpy()
+        finally:
+            self.model.start_streaming(1)
+            self.mapper, self._held = saved
+            self.model.reset_streaming()
+
+
+def make_voice_model(cfg: Config, speakers: list[str], seed: int = 0) -> VoiceModel:
+    """A randomly initialised voice model (tests, benchmarks) with plausible pitch statistics."""
+    torch.manual_seed(seed)
+    stats = {s: PitchStats(float(np.log(100 + 40 * i)), 0.2) for i, s in enumerate(speakers)}
+    m = VoiceModel(cfg, speakers, stats, PitchStats(float(np.log(140)), 0.3)).eval()
+    for p in m.parameters():  # keep random activations in a sane range through deep stacks
+        if p.dim() > 1:
+            nn.init.normal_(p, 0.0, 0.5 / np.sqrt(p.shape[1] * (p.shape[2] if p.dim() > 2 else 1)))
+    return m

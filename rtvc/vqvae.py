@@ -1,0 +1,161 @@
+"""Causal VQ-VAE: content encoder -> vector quantizer -> speaker- and pitch-conditioned decoder, per mel frame.
+
+All convs are causal (:class:`CausalConv1d`), so one 10 ms hop in gives one mel frame out with no lookahead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VQVAEConfig
+from .streaming import CausalConv1d, StreamingModule, receptive_field
+
+
+class ResBlock(StreamingModule):
+    """x + conv(leaky_relu(x)) (+ a per-stream conditioning bias), causal."""
+
+    def __init__(self, channels: int, kernel_size: int, dilation: int) -> None:
+        super().__init__()
+        self.conv = CausalConv1d(channels, channels, kernel_size, dilation)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv(F.leaky_relu(x, 0.2))
+        return x + (h if bias is None else h + bias)
+
+
+def _dilations(n: int) -> list[int]:
+    return [(1, 2, 4)[i % 3] for i in range(n)]
+
+
+class Encoder(StreamingModule):
+    """normalised log-mel [B, n_mels, T] -> content vectors [B, code_dim, T]."""
+
+    def __init__(self, n_mels: int, cfg: VQVAEConfig) -> None:
+        super().__init__()
+        c = cfg.encoder_channels
+        self.inp = CausalConv1d(n_mels, c, cfg.kernel_size)
+        self.blocks = nn.ModuleList(ResBlock(c, cfg.kernel_size, d) for d in _dilations(cfg.encoder_layers - 1))
+        self.out = CausalConv1d(c, cfg.code_dim, 1)
+
+    @property
+    def receptive_field(self) -> int:
+        return receptive_field([self.inp, *(b.conv for b in self.blocks)])
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        x = self.inp(mel)
+        for b in self.blocks:
+            x = b(x)
+        return self.out(F.leaky_relu(x, 0.2))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantizer with EMA codebook updates and dead-code restarts (stateless per frame).
+
+    Buffers: ``codebook`` [K, D], ``ema_count`` [K], ``ema_sum`` [K, D]. Under DDP the EMA statistics are
+    all-reduced and restarts broadcast from rank 0, so every replica keeps the same codebook.
+    """
+
+    def __init__(self, cfg: VQVAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        k, d = cfg.codebook_size, cfg.code_dim
+        self.register_buffer("codebook", torch.randn(k, d) * 0.1)
+        self.register_buffer("ema_count", torch.ones(k))
+        self.register_buffer("ema_sum", self.codebook.clone())
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """z [N, D] -> code indices [N] (squared L2 distance; ||z||^2 is constant per row and dropped)."""
+        cb = self.codebook
+        dist_ = torch.addmm((cb * cb).sum(1)[None, :], z, cb.t(), alpha=-2.0)
+        return dist_.argmin(dim=1)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z [B, D, T] -> (quantized [B, D, T] (straight-through), codes [B, T], commitment loss, perplexity)."""
+        b, d, t = z.shape
+        flat = z.transpose(1, 2).reshape(-1, d)
+        codes = self.nearest(flat.detach())
+        q = self.codebook[codes]
+        onehot = F.one_hot(codes, self.cfg.codebook_size).to(flat.dtype)
+        probs = onehot.mean(0)
+        perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+        commit = F.mse_loss(flat, q.detach()) * self.cfg.commitment
+        if self.training:
+            self._ema_update(flat.detach(), onehot)
+        if self.training:
+            q = flat + (q - flat).detach()  # straight-through estimator
+        return q.reshape(b, t, d).transpose(1, 2), codes.reshape(b, t), commit, perplexity
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, onehot: torch.Tensor) -> None:
+        count, total = onehot.sum(0), onehot.t() @ flat
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.all_reduce(count)
+            dist.all_reduce(total)
+            count /= dist.get_world_size()
+            total /= dist.get_world_size()
+        g = self.cfg.ema_decay
+        self.ema_count.mul_(g).add_(count, alpha=1 - g)
+        self.ema_sum.mul_(g).add_(total, alpha=1 - g)
+        n = self.ema_count.sum()
+        smoothed = (self.ema_count + 1e-5) / (n + self.cfg.codebook_size * 1e-5) * n  # Laplace smoothing
+        self.codebook.copy_(self.ema_sum / smoothed[:, None])
+        # dead-code restart: codes whose usage share fell below the threshold jump to random current inputs
+        usage = self.ema_count / n
+        dead = usage < self.cfg.dead_code_threshold / self.cfg.codebook_size
+        if dead.any():
+            picks = flat[torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)]
+            self.codebook[dead] = picks
+            self.ema_sum[dead] = picks
+            self.ema_count[dead] = 1.0
+            if distributed:
+                for buf in (self.codebook, self.ema_sum, self.ema_count):
+                    dist.broadcast(buf, 0)
+
+
+class Decoder(StreamingModule):
+    """(codes [B, D, T], speaker embedding [B, S], pitch [B, 2, T]) -> normalised log-mel [B, n_mels, T]."""
+
+    def __init__(self, n_mels: int, cfg: VQVAEConfig) -> None:
+        super().__init__()
+        c = cfg.decoder_channels
+        self.inp = CausalConv1d(cfg.code_dim + 2, c, cfg.kernel_size)
+        self.blocks = nn.ModuleList(ResBlock(c, cfg.kernel_size, d) for d in _dilations(cfg.decoder_layers))
+        self.spk = nn.Linear(cfg.speaker_dim, c * (len(self.blocks) + 1))  # a bias per block, per speaker
+        self.out = CausalConv1d(c, n_mels, 1)
+
+    @property
+    def receptive_field(self) -> int:
+        return receptive_field([self.inp, *(b.conv for b in self.blocks)])
+
+    def forward(self, q: torch.Tensor, spk: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
+        biases = self.spk(spk)[:, :, None].chunk(len(self.blocks) + 1, dim=1)  # each [B, C, 1]
+        x = self.inp(torch.cat([q, pitch], dim=1)) + biases[0]
+        for blk, bias in zip(self.blocks, biases[1:]):
+            x = blk(x, bias)
+        return self.out(F.leaky_relu(x, 0.2))
+
+
+class VQVAE(StreamingModule):
+    """Any-to-many voice conversion core on normalised log-mel frames."""
+
+    def __init__(self, n_mels: int, n_speakers: int, cfg: VQVAEConfig) -> None:
+        super().__init__()
+        self.encoder = Encoder(n_mels, cfg)
+        self.vq = VectorQuantizer(cfg)
+        self.speakers = nn.Embedding(n_speakers, cfg.speaker_dim)
+        self.decoder = Decoder(n_mels, cfg)
+
+    @property
+    def receptive_field(self) -> int:
+        return self.encoder.receptive_field + self.decoder.receptive_field - 1
+
+    def forward(self, mel: torch.Tensor, speaker: torch.Tensor, pitch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """mel [B, n_mels, T], speaker [B] (target ids), pitch [B, 2, T] -> dict with ``mel`` [B, n_mels, T]."""
+        z = self.encoder(mel)
+        q, codes, commit, ppl = self.vq(z)
+        out = self.decoder(q, self.speakers(speaker), pitch)
+        return {"mel": out, "codes": codes, "commit": commit, "perplexity": ppl}
