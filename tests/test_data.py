@@ -1,0 +1,104 @@
+"""Corpus building and preparation: TTS synthesis, the three layouts, the text-disjoint split, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from rtvc.data.prepare import CorpusError, prepare_corpus, scan_corpus
+from rtvc.data.synth import sentences, synth_corpus
+
+from conftest import harmonic, make_tiny_config, write_folder_corpus
+
+needs_tts = pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng")),
+                               reason="flite/espeak-ng not installed (scripts/install_tts.sh)")
+
+
+def test_sentence_generator_is_unique_and_seeded():
+    a = sentences(300, seed=1)
+    assert len(set(a)) == 300 and a == sentences(300, seed=1) and a != sentences(300, seed=2)
+
+
+@needs_tts
+def test_synth_writes_parallel_folder_corpus(tmp_path):
+    counts = synth_corpus(tmp_path, 3, ["awb", "esf"], progress=False)
+    assert counts == {"awb": 3, "esf": 3}
+    x, rate = sf.read(str(tmp_path / "awb" / "awb_00001.wav"))
+    assert x.shape[0] > rate // 2 and np.abs(x).max() > 0.05
+    assert (tmp_path / "esf" / "esf_00001.txt").read_text() == (tmp_path / "awb" / "awb_00001.txt").read_text()
+    with pytest.raises(ValueError, match="unknown TTS voice"):
+        synth_corpus(tmp_path, 1, ["nobody"], progress=False)
+
+
+def _vctk(root):
+    for spk in ("p225", "p226"):
+        (root / "wav48_silence_trimmed" / spk).mkdir(parents=True)
+        (root / "txt" / spk).mkdir(parents=True)
+        for i in range(1, 4):
+            for mic in (1, 2):
+                sf.write(str(root / "wav48_silence_trimmed" / spk / f"{spk}_{i:03d}_mic{mic}.flac"),
+                         harmonic(1.5, 48000, 120 + 30 * i, i), 48000)
+            (root / "txt" / spk / f"{spk}_{i:03d}.txt").write_text(f"Please call Stella {i}.")
+    return root
+
+
+def _libritts(root):
+    for spk, ch in (("19", "198"), ("26", "495")):
+        d = root / "train-clean-100" / spk / ch
+        d.mkdir(parents=True)
+        for i in range(3):
+            stem = f"{spk}_{ch}_000000_00000{i}"
+            sf.write(str(d / f"{stem}.wav"), harmonic(1.5, 24000, 140, i), 24000)
+            (d / f"{stem}.normalized.txt").write_text(f"Text {i}.")
+    return root
+
+
+def test_layouts_are_detected(tmp_path):
+    layout, items = scan_corpus(_vctk(tmp_path / "vctk"))
+    assert layout == "vctk" and len(items) == 6 and {i.speaker for i in items} == {"p225", "p226"}
+    assert all(i.text and i.text.startswith("Please call Stella") for i in items)
+    layout, items = scan_corpus(_libritts(tmp_path / "libri"))
+    assert layout == "libritts" and {i.speaker for i in items} == {"19", "26"} and items[0].text == "Text 0."
+    layout, items = scan_corpus(write_folder_corpus(tmp_path / "f", {"a": 100.0}, n=2))
+    assert layout == "folders" and [i.text for i in items] == ["sentence number 0", "sentence number 1"]
+
+
+def test_prepare_vctk_and_split_by_text(tmp_path):
+    cfg = make_tiny_config()
+    man = prepare_corpus(cfg, _vctk(tmp_path / "vctk"), tmp_path / "cache", val_fraction=0.5, progress=False)
+    assert man["layout"] == "vctk" and man["speakers"] == ["p225", "p226"]
+    split = {}
+    for u in man["utterances"]:
+        split.setdefault(u["text"], set()).add(u["split"])
+    assert all(len(s) == 1 for s in split.values()), "a sentence is in train for one speaker, val for another"
+    saved = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert len(saved["mel_mean"]) == cfg.model.n_mels and set(saved["pitch"]) == {"p225", "p226"}
+    z = np.load(tmp_path / "cache" / "feats" / f"{man['utterances'][0]['id']}.npz")
+    assert z["wav"].shape[0] == z["logmel"].shape[1] * cfg.model.hop_length  # whole hops at the model rate
+
+
+def test_prepare_errors_are_clear(tmp_path):
+    cfg = make_tiny_config()
+    with pytest.raises(CorpusError, match="does not exist"):
+        prepare_corpus(cfg, tmp_path / "nope", tmp_path / "c", progress=False)
+    (tmp_path / "empty" / "spk").mkdir(parents=True)
+    with pytest.raises(CorpusError, match="contains no audio files"):
+        prepare_corpus(cfg, tmp_path / "empty", tmp_path / "c", progress=False)
+    bad = write_folder_corpus(tmp_path / "bad", {"a": 120.0}, n=2)
+    (bad / "a" / "broken.wav").write_bytes(b"RIFF nonsense")
+    with pytest.raises(CorpusError, match="cannot read .*broken.wav"):
+        prepare_corpus(cfg, bad, tmp_path / "c", progress=False)
+    (bad / "a" / "broken.wav").unlink()
+    sf.write(str(bad / "a" / "stereo.wav"), np.stack([harmonic(1, 16000, 120, 0)] * 2, 1), 16000)
+    with pytest.raises(CorpusError, match="mono/stereo mismatch for speaker 'a'"):
+        prepare_corpus(cfg, bad, tmp_path / "c", progress=False)
+    (bad / "a" / "stereo.wav").unlink()
+    sf.write(str(bad / "a" / "short.wav"), harmonic(0.2, 16000, 120, 0)[:3000], 16000)
+    with pytest.raises(CorpusError, match="too short after trimming"):
+        prepare_corpus(cfg, bad, tmp_path / "c", progress=False)
+    man = prepare_corpus(cfg, bad, tmp_path / "c", skip_bad=True, progress=False)
+    assert len(man["skipped"]) == 1 and len(man["utterances"]) == 2

@@ -1,0 +1,181 @@
+"""Streaming == offline (max abs error <= 1e-5, float32) for every module and the whole converter, with random
+chunk sizes from one hop to many, three seeds each; and causality: future input never changes past output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rtvc.config import load_config
+from rtvc.frontend import Frontend, yin
+from rtvc.streaming import CausalConv1d
+from rtvc.vocoder import Student
+from rtvc.voice import VoiceConverter, make_voice_model
+from rtvc.vqvae import VQVAE, Decoder, Encoder
+
+CFG = load_config()  # default sizes: what ships
+TOL = 1e-5
+SEEDS = [0, 1, 2]
+
+
+def _chunks(n: int, rng: np.random.Generator, max_chunk: int = 9) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    while pos < n:
+        k = int(rng.integers(1, max_chunk + 1))
+        out.append((pos, min(n, pos + k)))
+        pos += k
+    return out
+
+
+def _stream(module, fn, x: torch.Tensor, rng, unit: int = 1, batch: int = 1):
+    """Run ``fn`` over time-chunks of x (time = last dim, chunk sizes in multiples of ``unit``) in streaming mode."""
+    outs = []
+    with torch.no_grad(), module.streaming(batch):
+        for a, b in _chunks(x.shape[-1] // unit, rng):
+            outs.append(fn(x[..., a * unit: b * unit]))
+    return torch.cat(outs, dim=-1)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_causal_conv(seed):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    conv = CausalConv1d(5, 7, 3, dilation=4)
+    x = torch.randn(2, 5, 50)
+    with torch.no_grad():
+        off = conv(x)
+    assert (_stream(conv, conv, x, rng, batch=2) - off).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_frontend_mel_and_pitch(seed):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    fe = Frontend(CFG.model)
+    hop = CFG.model.hop_length
+    t = torch.arange(hop * 40) / CFG.model.sample_rate
+    x = (0.3 * torch.sin(2 * torch.pi * (120 + 30 * seed) * t) + 0.01 * torch.randn(t.shape))[None]
+    with torch.no_grad():
+        mel_off, fr_off = fe(x)
+    mel_st = _stream(fe, lambda c: fe(c)[0], x, rng, unit=hop)
+    assert (mel_st - mel_off).abs().max() <= TOL
+    frames_st = _stream(fe, lambda c: fe.frames(c).transpose(1, 2), x, rng, unit=hop).transpose(1, 2)
+    assert torch.equal(frames_st, fr_off)  # identical frames -> identical per-frame pitch
+    f0, voiced = yin(fr_off[0].numpy(), CFG.model)
+    assert voiced[5:].all() and np.allclose(f0[5:], 120 + 30 * seed, rtol=0.02)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_encoder_decoder_student(seed):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    c, n = CFG.vqvae, CFG.model.n_mels
+    mel = torch.randn(1, n, 30)
+    enc, dec, stu = Encoder(n, c).eval(), Decoder(n, c).eval(), Student(n, CFG.student).eval()
+    with torch.no_grad():
+        assert (_stream(enc, enc, mel, rng) - enc(mel)).abs().max() <= TOL
+        q, spk, pitch = torch.randn(1, c.code_dim, 30), torch.randn(1, c.speaker_dim), torch.randn(1, 2, 30)
+        both = torch.cat([q, pitch], 1)
+        fn = lambda z: dec(z[:, : c.code_dim], spk, z[:, c.code_dim:])  # noqa: E731
+        assert (_stream(dec, fn, both, rng) - dec(q, spk, pitch)).abs().max() <= TOL
+        off = stu(mel)
+        st = torch.cat([stu_chunk for stu_chunk in _student_chunks(stu, mel, rng)], -1)
+        assert off.shape[-1] == 30 * CFG.model.hop_length
+        assert (st - off).abs().max() <= TOL
+
+
+def _student_chunks(stu, mel, rng):
+    with stu.streaming(1):
+        for a, b in _chunks(mel.shape[-1], rng):
+            yield stu(mel[..., a:b])
+
+
+def _speech_like(seconds: float, rate: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 110 + 60 * rng.random() + 30 * np.sin(2 * np.pi * 0.8 * t)
+    ph = 2 * np.pi * np.cumsum(f0) / rate
+    x = sum(np.sin(k * ph) / k for k in range(1, 15)) * (np.sin(2 * np.pi * 1.1 * t) > -0.4)
+    return (0.2 * x + 0.003 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_full_converter_streaming_equals_offline(seed):
+    rng = np.random.default_rng(seed)
+    vc = VoiceConverter(make_voice_model(CFG, ["a", "b", "c"], seed=seed), voice="b", transpose=2.0)
+    hop = vc.hop
+    x = _speech_like(1.5, vc.sample_rate, seed)
+    x = x[: x.shape[0] // hop * hop]
+    off = vc.convert_offline(x)
+    st = np.concatenate([vc.convert(x[a * hop: b * hop]) for a, b in _chunks(x.shape[0] // hop, rng, 12)])
+    assert np.abs(off).max() > 1e-3, "degenerate test: silent output"
+    assert np.abs(st - off).max() <= TOL
+
+
+def test_converter_is_causal():
+    vc = VoiceConverter(make_voice_model(CFG, ["a", "b"], seed=3), voice="a")
+    x = _speech_like(1.0, vc.sample_rate, 3)
+    cut = 12 * vc.hop + 17  # mid-hop: the hop holding `cut` and later may change, nothing before that hop
+    y = vc.convert_offline(x)
+    x2 = x.copy()
+    x2[cut:] = np.random.default_rng(0).standard_normal(x.shape[0] - cut).astype(np.float32)
+    y2 = vc.convert_offline(x2)
+    start = cut // vc.hop * vc.hop
+    assert np.array_equal(y[:start], y2[:start]), "future input changed past output"
+    assert not np.allclose(y[start:], y2[start:]), "degenerate test: output ignores input"
+
+
+@pytest.mark.parametrize("module", ["encoder", "decoder", "student", "vqvae"])
+def test_modules_are_causal(module):
+    torch.manual_seed(0)
+    n, c = CFG.model.n_mels, CFG.vqvae
+    mel, mel2 = torch.randn(1, n, 40), None
+    mel2 = mel.clone()
+    mel2[..., 25:] = torch.randn(1, n, 15)
+    with torch.no_grad():
+        if module == "encoder":
+            m = Encoder(n, c)
+            a, b, unit = m(mel), m(mel2), 1
+        elif module == "decoder":
+            m = Decoder(n, c)
+            spk, p = torch.randn(1, c.speaker_dim), torch.zeros(1, 2, 40)
+            a, b, unit = m(mel[:, : c.code_dim], spk, p), m(mel2[:, : c.code_dim], spk, p), 1
+        elif module == "student":
+            m = Student(n, CFG.student)
+            a, b, unit = m(mel), m(mel2), CFG.model.hop_length
+        else:
+            m = VQVAE(n, 3, c).eval()
+            spk, p = torch.tensor([1]), torch.zeros(1, 2, 40)
+            a, b, unit = m(mel, spk, p)["mel"], m(mel2, spk, p)["mel"], 1
+    assert torch.equal(a[..., : 25 * unit], b[..., : 25 * unit])
+    assert not torch.allclose(a[..., 25 * unit:], b[..., 25 * unit:])
+
+
+def test_reset_per_slot():
+    torch.manual_seed(0)
+    conv = CausalConv1d(3, 3, 3, 2)
+    x = torch.randn(2, 3, 10)
+    with torch.no_grad(), conv.streaming(2):
+        conv(x)
+        conv.reset_streaming([1])
+        y = conv(x)
+        conv.reset_streaming()
+        y0 = conv(x)
+    assert torch.allclose(y[1], y0[1]) and not torch.allclose(y[0], y0[0])
+
+
+def test_voice_switch_continues_state():
+    vc = VoiceConverter(make_voice_model(CFG, ["a", "b"], seed=1), voice="a")
+    x = _speech_like(0.5, vc.sample_rate, 1)
+    hop = vc.hop
+    for i in range(10):
+        vc.convert(x[i * hop:(i + 1) * hop])
+    other = vc.with_voice("b", transpose=-3)
+    assert other.name == "b" and other.latency == vc.latency == 0
+    same = vc.with_voice("a")
+    np.testing.assert_allclose(same.convert(x[10 * hop: 11 * hop]), vc.convert(x[10 * hop: 11 * hop]), atol=1e-6)
+    with pytest.raises(KeyError, match="unknown voice 'zz'"):
+        vc.with_voice("zz")
+    with pytest.raises(ValueError, match="whole hops"):
+        vc.convert(np.zeros(100, np.float32))
