@@ -119,16 +119,18 @@ class CausalConv1d(StreamingModule):
         """[C_out, K*C_in], tap-major: columns k*C_in..(k+1)*C_in-1 hold tap k."""
         return self.weight.permute(0, 2, 1).reshape(self.c_out, self.k * self.c_in)
 
-    def taps(self, x: torch.Tensor) -> torch.Tensor:
-        """Streaming: [B, C_in, T] new frames -> [B, K*C_in, T] stacked dilated taps; updates the state."""
+    def taps(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Streaming: [B, C_in, T] new frames -> [B, K*C_in (+ E), T] stacked dilated taps (and ``extra``
+        [B, E, T] rows appended, so a caller can fold another 1x1 input into the same GEMM); updates the state."""
         st: ConvState = self._state  # type: ignore[assignment]
-        full = torch.cat([st.past, x], dim=2) if self.pad else x
         T = x.shape[2]
+        full = torch.cat([st.past, x], dim=2) if self.pad else x
         if self.pad:
             st.past.copy_(full[:, :, full.shape[2] - self.pad:])
-        if self.k == 1:
-            return full
-        return torch.cat([full[:, :, k * self.d: k * self.d + T] for k in range(self.k)], dim=1)
+        parts = [full[:, :, k * self.d: k * self.d + T] for k in range(self.k)]
+        if extra is not None:
+            parts.append(extra)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, T] -> [B, C_out, T]."""
