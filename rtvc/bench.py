@@ -37,9 +37,9 @@ def _speech_like(n: int, rate: int) -> np.ndarray:
     return (0.2 * x).astype(np.float32)
 
 
-def measure(model: VoiceModel, seconds: float, threads: int) -> dict:
+def measure(model: VoiceModel, seconds: float, threads: int, fused: bool = True) -> dict:
     torch.set_num_threads(threads)
-    vc = VoiceConverter(model, profile=True)
+    vc = VoiceConverter(model, profile=True, fused=fused)
     hop, rate = vc.hop, vc.sample_rate
     x = _speech_like(int(seconds * rate) // hop * hop, rate)
     for i in range(50):  # warm-up: first-call allocations, numba dispatch
@@ -53,9 +53,9 @@ def measure(model: VoiceModel, seconds: float, threads: int) -> dict:
         total.append(time.perf_counter() - t0)
     hop_ms = 1000 * hop / rate
     stages = {k: {"median_ms": 1000 * float(np.median(v)), "p99_ms": 1000 * float(np.percentile(v, 99))}
-              for k, v in vc.times.samples.items()}
+              for k, v in vc.times.samples.items() if v}
     tot = {"median_ms": 1000 * float(np.median(total)), "p99_ms": 1000 * float(np.percentile(total, 99))}
-    return {"threads": threads, "chunks": len(total), "stages": stages, "total": tot,
+    return {"threads": threads, "fused_cpu_kernel": fused, "chunks": len(total), "stages": stages, "total": tot,
             "rtf_median": tot["median_ms"] / hop_ms, "rtf_p99": tot["p99_ms"] / hop_ms}
 
 
@@ -75,7 +75,7 @@ def run_bench(cfg: Config, out: str | Path, seconds: float = 5.0) -> dict:
         "algorithmic_latency_ms": {"model": hop_ms + 1000 * vc.latency / vc.sample_rate,
                                    "engine_at_model_rate": StreamEngine(vc, vc.sample_rate, cfg.engine).algorithmic_latency_ms,
                                    "engine_at_48k": engine48.algorithmic_latency_ms},
-        "runs": [measure(model, seconds, th) for th in (1, 2)],
+        "runs": [measure(model, seconds, th, fused) for fused in (True, False) for th in (1, 2)],
     }
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"model: {source}")
@@ -85,10 +85,11 @@ def run_bench(cfg: Config, out: str | Path, seconds: float = 5.0) -> dict:
     print(f"algorithmic latency: model {lat['model']:.2f} ms, engine {lat['engine_at_model_rate']:.2f} ms at "
           f"{vc.sample_rate} Hz, {lat['engine_at_48k']:.2f} ms at 48 kHz (+resampling)")
     for run in result["runs"]:
-        print(f"-- {run['threads']} thread(s), {run['chunks']} chunks of {hop_ms:.0f} ms: median / p99 ms")
+        path = "fused CPU kernel" if run["fused_cpu_kernel"] else "plain torch"
+        print(f"-- {run['threads']} thread(s), {path}, {run['chunks']} chunks of {hop_ms:.0f} ms: median / p99 ms")
         for k, v in run["stages"].items():
-            print(f"   {k:<9} {v['median_ms']:7.3f} {v['p99_ms']:7.3f}")
-        print(f"   {'total':<9} {run['total']['median_ms']:7.3f} {run['total']['p99_ms']:7.3f}   "
+            print(f"   {k:<27} {v['median_ms']:7.3f} {v['p99_ms']:7.3f}")
+        print(f"   {'total':<27} {run['total']['median_ms']:7.3f} {run['total']['p99_ms']:7.3f}   "
               f"RTF {run['rtf_median']:.3f} (p99 {run['rtf_p99']:.3f})")
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from .vocoder import Student
 from .vqvae import VQVAE
 
 
-STAGES = ("frontend", "pitch", "encoder", "vq", "decoder", "vocoder")
+STAGES = ("frontend", "pitch", "encoder", "vq", "decoder", "encoder+vq+decoder (fused)", "vocoder")
 
 
 @dataclass
@@ -76,7 +76,7 @@ class VoiceConverter:
     """Implements the engine's :class:`~rtvc.converter.Converter` for one target voice (switchable)."""
 
     def __init__(self, model: VoiceModel, voice: str | None = None, transpose: float = 0.0,
-                 device: str | torch.device = "cpu", profile: bool = False) -> None:
+                 device: str | torch.device = "cpu", profile: bool = False, fused: bool = True) -> None:
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         cfg = model.cfg.model
@@ -87,6 +87,9 @@ class VoiceConverter:
         self.profile, self.times = profile, StageTimes()
         self._held = 0.0
         self.model.start_streaming(1)
+        # CPU, one stream: encoder -> VQ -> decoder as one fused numba call on the same streaming state
+        self.fused = fused and self.device.type == "cpu"
+        self._fused_args: tuple | None = None
 
     def _set_voice(self, voice: str) -> None:
         idx = self.model.speaker_id(voice)
@@ -95,6 +98,22 @@ class VoiceConverter:
         with torch.no_grad():
             self._spk = self.model.vqvae.speakers.weight[idx:idx + 1].detach().clone()
         self._target = self.model.pitch.get(voice, self.model.prior)
+        self._fused_args = None  # the decoder's speaker biases changed
+
+    def _fused(self) -> tuple:
+        """Arguments of :func:`kernels.frame_stack.frame_convert`, bound to the current streaming state."""
+        if self._fused_args is None:
+            from kernels.frame_stack import stack_args
+            v = self.model.vqvae
+            enc = [v.encoder.inp, *(b.conv for b in v.encoder.blocks), v.encoder.out]
+            dec = [v.decoder.inp, *(b.conv for b in v.decoder.blocks), v.decoder.out]
+            c = v.decoder.inp.c_out
+            with torch.no_grad():
+                spk_bias = v.decoder.spk(self._spk).reshape(-1, c).numpy()
+                cb = v.vq.codebook.detach().contiguous().numpy()
+            self._fused_args = (stack_args(enc, np.zeros((len(enc) - 1, v.encoder.inp.c_out), np.float32)),
+                                cb, (cb * cb).sum(1), stack_args(dec, spk_bias))
+        return self._fused_args
 
     def with_voice(self, voice: str, transpose: float | None = None) -> "VoiceConverter":
         """A converter for another voice that *continues* this one's streaming state (for a crossfade)."""
@@ -102,7 +121,7 @@ class VoiceConverter:
         other.model = copy.deepcopy(self.model)  # modules carry the state: copy both
         other.mapper = copy.deepcopy(self.mapper)
         other.times = StageTimes()
-        other._set_voice(voice)
+        other._set_voice(voice)  # also drops the fused-kernel views of the old model's state
         if transpose is not None:
             other.transpose = float(transpose)
         return other
@@ -127,6 +146,16 @@ class VoiceConverter:
         pitch, self._held = lf0_features(f0, voiced, self._held)
         pitch_t = torch.from_numpy(pitch)[None].to(self.device)
         t = self._tick("pitch", t)
+        if self.fused and m.vqvae.encoder.is_streaming and mel.shape[0] == 1:
+            from kernels.frame_stack import frame_convert
+            enc, cb, cb_norm, dec = self._fused()
+            out = np.empty((mel.shape[1], mel.shape[2]), np.float32)
+            frame_convert(mel[0].numpy(), pitch, enc, cb, cb_norm, dec, out)
+            mel_hat = torch.from_numpy(out)[None]
+            t = self._tick("encoder+vq+decoder (fused)", t)
+            y = m.student(mel_hat)[:, 0]
+            self._tick("vocoder", t)
+            return y
         z = m.vqvae.encoder(mel)
         t = self._tick("encoder", t)
         zf = z[0].t()
@@ -165,8 +194,8 @@ class VoiceConverter:
             return self._run(wav)[0, :n].cpu().numpy()
         finally:
             self.model.start_streaming(1)
+            self._fused_args = None  # new state tensors
             self.mapper, self._held = saved
-            self.model.reset_streaming()
 
 
 def make_voice_model(cfg: Config, speakers: list[str], seed: int = 0) -> VoiceModel:

@@ -179,3 +179,19 @@ def test_voice_switch_continues_state():
         vc.with_voice("zz")
     with pytest.raises(ValueError, match="whole hops"):
         vc.convert(np.zeros(100, np.float32))
+
+
+def test_fused_cpu_kernel_equals_torch_streaming():
+    """kernels.frame_stack (numba, shares the modules' state) == the torch streaming path, mid-stream switchable."""
+    model = make_voice_model(CFG, ["a", "b"], seed=4)
+    x = _speech_like(1.0, CFG.model.sample_rate, 4)
+    hop = CFG.model.hop_length
+    fused, plain = VoiceConverter(model, "b", fused=True), VoiceConverter(make_voice_model(CFG, ["a", "b"], seed=4), "b", fused=False)
+    a = np.concatenate([fused.convert(x[i * hop:(i + 2) * hop]) for i in range(0, 60, 2)])
+    b = np.concatenate([plain.convert(x[i * hop:(i + 2) * hop]) for i in range(0, 60, 2)])
+    assert np.abs(a - b).max() <= TOL and np.abs(a).max() > 1e-3
+    fused.fused = False  # switch paths mid-stream: the state is the same tensors
+    fused.convert(x[60 * hop: 61 * hop])
+    fused.fused = True
+    np.testing.assert_allclose(fused.convert(x[61 * hop: 62 * hop]), (plain.convert(x[60 * hop: 61 * hop]),
+                               plain.convert(x[61 * hop: 62 * hop]))[1], atol=TOL)

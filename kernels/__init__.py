@@ -1,0 +1,1 @@
+"""rtvc custom ops: fused CPU paths (numba) for the streaming hot loops."""
