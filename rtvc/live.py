@@ -100,6 +100,14 @@ class LiveSession:
         self.engine.switch_converter(self.dry if to_dry else self.voice)
         return to_dry
 
+    def switch_voice(self, name: str) -> str:
+        """Crossfade to another voice of the same model; the new converter continues the current state."""
+        new = self.voice.with_voice(name)
+        self.voice = new
+        if self.engine.converter is not self.dry:
+            self.engine.switch_converter(new)
+        return name
+
     def start(self) -> None:
         # Warm the converter (first-call costs: JIT, allocations) before the clock starts.
         for _ in range(3):
@@ -154,7 +162,8 @@ def run_live(cfg: Config, converter: Converter, duration: float = 0.0, stats_jso
     print(f"rtvc live: {live.sd.query_devices(live.in_dev)['name']} -> {live.sd.query_devices(live.out_dev)['name']}"
           f" at {live.rate} Hz, block {live.block} frames; voice: {converter.name}", file=sys.stderr)
     if interactive:
-        print("keys: p+Enter toggles passthrough, m+Enter toggles monitor, q+Enter quits", file=sys.stderr)
+        print("keys (then Enter): p passthrough on/off, m monitor on/off, v NAME switch voice, t N transpose "
+              "N semitones, q quit", file=sys.stderr)
         threading.Thread(target=_keys, args=(live,), daemon=True).start()
     live.start()
     t0 = time.monotonic()
@@ -177,8 +186,19 @@ def run_live(cfg: Config, converter: Converter, duration: float = 0.0, stats_jso
 
 def _keys(live: LiveSession) -> None:
     for line in sys.stdin:
-        key = line.strip().lower()[:1]
-        if key == "p":
+        key, _, arg = line.strip().partition(" ")
+        key = key.lower()[:1]
+        if key == "v" and hasattr(live.voice, "with_voice"):
+            try:
+                print(f"voice: {live.switch_voice(arg.strip())}", file=sys.stderr)
+            except KeyError as e:
+                print(e.args[0], file=sys.stderr)
+        elif key == "t" and hasattr(live.voice, "transpose"):
+            try:
+                live.voice.transpose = float(arg)
+            except ValueError:
+                print("usage: t SEMITONES", file=sys.stderr)
+        elif key == "p":
             print(f"passthrough {'on' if live.toggle_passthrough() else 'off'}", file=sys.stderr)
         elif key == "m":
             live.monitor = not live.monitor
