@@ -68,6 +68,14 @@ def vqvae_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
                   "ppl": out["perplexity"].item()}
 
 
+def _update(opt: torch.optim.Optimizer, model: nn.Module, loss: torch.Tensor) -> None:
+    """One generator step: backward, clip the gradient norm at 10 (GAN spikes), update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    opt.step()
+
+
 def stft_loss(stft: MultiResolutionSTFTLoss, y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     sc, mag = stft(y_hat.reshape(y_hat.shape[0], -1), y.reshape(y.shape[0], -1))
     return sc + mag
@@ -172,10 +180,7 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
     def step(batch: dict) -> dict[str, float]:
         model.train()
         loss, logs = vqvae_loss(net, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
+        _update(opt, model, loss)
         return logs
 
     def validate() -> dict[str, float]:
@@ -224,10 +229,7 @@ def train_teacher(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
         loss = stft_loss(stft, y_hat, y)
         logs = {"stft": loss.item()}
         loss, adv_logs = _adversarial(r, loss, y_hat, y, disc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(teacher.parameters(), 10.0)
-        opt.step()
+        _update(opt, teacher, loss)
         return {**logs, **adv_logs}
 
     def validate() -> dict[str, float]:
@@ -280,10 +282,7 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
         loss = stft_loss(stft, y_hat, target)
         logs = {"stft": loss.item(), "phase": float(r.step >= finetune_from)}
         loss, adv_logs = _adversarial(r, loss, y_hat, batch["wav"][:, None], disc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(student.parameters(), 10.0)
-        opt.step()
+        _update(opt, student, loss)
         return {**logs, **adv_logs}
 
     def validate() -> dict[str, float]:
