@@ -163,17 +163,29 @@ class StreamEngine:
 
     def step(self) -> int:
         """Convert every complete hop that is queued. Returns the number of hops run."""
-        self._ingest()
         n = 0
-        while self._fifo.available() >= self.hop:
-            self._fifo.read_into(self._hop_buf, False)
+        while (x := self.next_hop()) is not None:
             t0 = time.perf_counter()
-            y = self._convert(self._hop_buf)
-            self._times[self._hops % self._times.shape[0]] = time.perf_counter() - t0
-            self._hops += 1
-            self._emit(self._rs_out.process(y))
+            y = self._convert(x)
+            self.put_hop(y, time.perf_counter() - t0)
             n += 1
         return n
+
+    def next_hop(self) -> np.ndarray | None:
+        """Worker side, for batched converters: the next complete model-rate hop [hop] (an internal buffer,
+        valid until the next call), or None. Every hop taken must be answered with :meth:`put_hop`."""
+        if self._fifo.available() < self.hop:
+            self._ingest()
+            if self._fifo.available() < self.hop:
+                return None
+        self._fifo.read_into(self._hop_buf, False)
+        return self._hop_buf
+
+    def put_hop(self, y: np.ndarray, compute_s: float = 0.0) -> None:
+        """Worker side: the converted hop [hop] for the last :meth:`next_hop`, placed on the output timeline."""
+        self._times[self._hops % self._times.shape[0]] = compute_s
+        self._hops += 1
+        self._emit(self._rs_out.process(y))
 
     def process(self, block: np.ndarray) -> np.ndarray:
         """Synchronous push -> step -> pull: returns exactly ``len(block)`` samples, delayed by the latency."""

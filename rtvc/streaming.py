@@ -65,6 +65,25 @@ class StreamingModule(nn.Module):
             m._state = None
             m._streaming = False
 
+    @contextlib.contextmanager
+    def slots(self, idx: torch.Tensor) -> Iterator[None]:
+        """Within the block, ``forward`` runs on the streams in batch slots ``idx`` only: every layer's state is
+        gathered to a compact batch on entry and scattered back on exit (idle slots are not advanced)."""
+        saved = []
+        for m in self._streaming_children():
+            if m._state is None:
+                continue
+            for name, t in vars(m._state).items():
+                if isinstance(t, torch.Tensor):
+                    saved.append((m._state, name, t))
+                    setattr(m._state, name, t[idx])
+        try:
+            yield
+        finally:
+            for st, name, full in saved:
+                full[idx] = getattr(st, name)
+                setattr(st, name, full)
+
     def reset_streaming(self, slots: torch.Tensor | list[int] | None = None) -> None:
         """Zero the state of the given batch slots (all when None): a new stream starts in those slots."""
         for m in self._streaming_children():

@@ -1,0 +1,90 @@
+"""BatchedVoice: many streams of one voice model in one batched streaming step (the server's worker).
+
+The model's modules hold state for ``slots`` streams (``model.streaming(slots)``). A session takes a free slot
+(its state zeroed) and gives it back when it leaves; a step runs only the slots that have a hop ready, via
+``model.slots(idx)`` (gather their states, run, scatter back), so sessions joining, leaving or idling never
+disturb the others. Per-slot pitch mapping (numpy) and target voice / transpose are kept here.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import torch
+
+from .frontend import PitchMapper, lf0_features, yin
+from .voice import VoiceModel
+
+
+class NoFreeSlot(RuntimeError):
+    pass
+
+
+class BatchedVoice:
+    def __init__(self, model: VoiceModel, slots: int, device: str | torch.device = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.cfg = model.cfg
+        self.hop, self.sample_rate, self.latency = self.cfg.model.hop_length, self.cfg.model.sample_rate, 0
+        self.capacity = slots
+        self.model.start_streaming(slots)
+        self._free = list(range(slots - 1, -1, -1))
+        self._lock = threading.Lock()  # acquire/release come from the event loop, step from the worker
+        mapper = PitchMapper(model.prior)
+        self._mapper = [copy.deepcopy(mapper) for _ in range(slots)]
+        self._held = np.zeros(slots)
+        self._voice = np.zeros(slots, np.int64)
+        self._transpose = np.zeros(slots)
+
+    @property
+    def voices(self) -> list[str]:
+        return list(self.model.speakers)
+
+    def acquire(self, voice: str, transpose: float = 0.0) -> int:
+        with self._lock:
+            if not self._free:
+                raise NoFreeSlot(f"all {self.capacity} stream slots are in use")
+            slot = self._free.pop()
+        self.model.reset_streaming([slot])
+        self._mapper[slot].reset()
+        self._held[slot] = 0.0
+        self.set(slot, voice, transpose)
+        return slot
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def set(self, slot: int, voice: str | None = None, transpose: float | None = None) -> None:
+        """Voice changes take effect at the next hop (the decoder's causal context smooths the change)."""
+        if voice is not None:
+            self._voice[slot] = self.model.speaker_id(voice)
+        if transpose is not None:
+            self._transpose[slot] = transpose
+
+    def voice_of(self, slot: int) -> str:
+        return self.model.speakers[int(self._voice[slot])]
+
+    @torch.inference_mode()
+    def step(self, slots: list[int], hops: np.ndarray) -> np.ndarray:
+        """One hop for each of ``slots``: hops [n, hop] float32 (model rate) -> [n, hop]."""
+        m = self.model
+        idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
+        wav = torch.from_numpy(np.ascontiguousarray(hops, dtype=np.float32)).to(self.device)
+        with m.slots(idx):
+            mel, frames = m.frontend(wav)
+            fr = frames.float().cpu().numpy()  # [n, 1, win]
+            pitch = np.zeros((len(slots), 2, fr.shape[1]), np.float32)
+            for i, s in enumerate(slots):
+                f0, voiced = yin(fr[i], self.cfg.model)
+                f0 = self._mapper[s](f0, voiced, m.pitch.get(self.voice_of(s), m.prior), float(self._transpose[s]))
+                pitch[i], self._held[s] = lf0_features(f0, voiced, float(self._held[s]))
+            z = m.vqvae.encoder(mel)
+            n, d, t = z.shape
+            codes = m.vqvae.vq.nearest(z.transpose(1, 2).reshape(-1, d))
+            q = m.vqvae.vq.codebook[codes].reshape(n, t, d).transpose(1, 2)
+            spk = m.vqvae.speakers(torch.as_tensor(self._voice[slots], device=self.device))
+            mel_hat = m.vqvae.decoder(q, spk, torch.from_numpy(pitch).to(self.device))
+            return m.student(mel_hat)[:, 0].float().cpu().numpy()
