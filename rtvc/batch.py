@@ -28,7 +28,7 @@ class BatchedVoice:
         self.device = torch.device(device)
         self.cfg = model.cfg
         self.hop, self.sample_rate, self.latency = self.cfg.model.hop_length, self.cfg.model.sample_rate, 0
-        self.capacity = slots
+        self.capacity, self.name = slots, "voice model (batched)"
         self.model.start_streaming(slots)
         self._free = list(range(slots - 1, -1, -1))
         self._lock = threading.Lock()  # acquire/release come from the event loop, step from the worker

@@ -84,6 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="bundle vqvae.pt + student.pt into one voice model file")
     ex.add_argument("--out", help="output file (default: <paths.checkpoint_dir>/model.pt)")
 
+    sv = sub.add_parser("serve", help="websocket server for many concurrent streams (protocol v1)",
+                        description="Serves ws://HOST:PORT/v1/stream, /healthz, /metrics, /v1/voices and the web client "
+                                    "at /. Binds server.host (127.0.0.1 by default). SIGTERM flushes and closes every "
+                                    "session with 1001.")
+    sv.add_argument("--host", help="interface to bind (default server.host)")
+    sv.add_argument("--port", type=int, help="port (default server.port)")
+    sv.add_argument("--model", help="voice model file (default: paths.model)")
+
     be = sub.add_parser("bench", help="benchmark the streaming converter on this CPU (prints, saves JSON)")
     be.add_argument("--out", default="bench/results/pipeline_cpu.json", help="where to save the JSON")
     be.add_argument("--seconds", type=float, default=5.0, help="audio seconds streamed per measurement")
@@ -214,6 +222,12 @@ def _cmd_export(cfg: Config, a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(cfg: Config, a: argparse.Namespace) -> int:
+    from .server import serve_forever
+    serve_forever(cfg)
+    return 0
+
+
 def _cmd_bench(cfg: Config, a: argparse.Namespace) -> int:
     from .bench import run_bench
     run_bench(cfg, a.out, a.seconds)
@@ -221,7 +235,8 @@ def _cmd_bench(cfg: Config, a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"config": _cmd_config, "devices": _cmd_devices, "convert": _cmd_convert, "live": _cmd_live,
-            "voices": _cmd_voices, "data": _cmd_data, "train": _cmd_train, "export": _cmd_export, "bench": _cmd_bench}
+            "voices": _cmd_voices, "data": _cmd_data, "train": _cmd_train, "export": _cmd_export, "bench": _cmd_bench,
+            "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     from .devices import AudioUnavailable
     try:
         overrides = list(a.overrides) + (_live_overrides(a) if a.command == "live" else [])
+        if a.command == "serve":
+            overrides += [f"server.host={json.dumps(a.host)}"] if a.host else []
+            overrides += [f"server.port={a.port}"] if a.port is not None else []
         if getattr(a, "model", None):
             overrides.append(f"paths.model={json.dumps(a.model)}")
         cfg = load_config(a.config, overrides)

@@ -152,6 +152,10 @@ class StreamEngine:
         """Output samples ready to pull."""
         return self._out.available()
 
+    def queued(self) -> int:
+        """Input samples pushed but not yet taken by the worker (for producers that apply backpressure)."""
+        return self._in.available()
+
     # ----------------------------------------------------------------------------------------- worker side
     def switch_converter(self, converter: Converter) -> None:
         """Switch to ``converter`` (e.g. another voice) with a crossfade at the next hop. Thread-safe."""

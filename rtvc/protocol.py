@@ -55,12 +55,16 @@ def parse_control(text: str) -> dict[str, Any]:
     return msg
 
 
+PACES = ("realtime", "fast")
+
+
 @dataclass(frozen=True)
 class Start:
     sample_rate: int
     format: str
     voice: str | None
     transpose: float
+    pace: str  # "realtime": queued input beyond the bound is dropped; "fast": the server applies backpressure
 
 
 def parse_start(msg: dict[str, Any], max_rate: int = 192000) -> Start:
@@ -77,7 +81,10 @@ def parse_start(msg: dict[str, Any], max_rate: int = 192000) -> Start:
     voice = msg.get("voice")
     if voice is not None and not isinstance(voice, str):
         raise ProtocolError("bad_voice", "voice must be a string")
-    return Start(rate, fmt, voice, parse_transpose(msg.get("transpose", 0)))
+    pace = msg.get("pace", "realtime")
+    if pace not in PACES:
+        raise ProtocolError("bad_pace", f"pace must be one of {list(PACES)}")
+    return Start(rate, fmt, voice, parse_transpose(msg.get("transpose", 0)), pace)
 
 
 def parse_transpose(value: Any) -> float:

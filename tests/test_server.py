@@ -1,0 +1,119 @@
+"""The websocket server with real clients on 127.0.0.1: protocol round trips, concurrency, overload, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from rtvc import protocol as P
+from rtvc.batch import BatchedVoice
+from rtvc.config import load_config
+from rtvc.server import PassthroughBatch, Server
+from rtvc.voice import make_voice_model
+
+from test_streaming import _speech_like
+
+
+class Running:
+    """A server on an ephemeral port in a background thread with its own event loop."""
+
+    def __init__(self, cfg, runner):
+        self.server = Server(cfg, runner)
+        self.loop = asyncio.new_event_loop()
+        ready = self.loop.create_future()
+        self.thread = threading.Thread(target=lambda: self.loop.run_until_complete(self.server.run(ready)), daemon=True)
+        self.thread.start()
+        while not ready.done():
+            time.sleep(0.01)
+        self.port = ready.result()
+        self.url = f"ws://127.0.0.1:{self.port}{P.PATH}"
+
+    def stop(self):
+        self.server.request_stop()
+        self.thread.join(timeout=20)
+
+
+def _cfg(**kw):
+    base = {"server.port": 0, "server.max_sessions": 12, "server.max_frame_samples": 48000}
+    return load_config().replace(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model_server():
+    cfg = _cfg()
+    srv = Running(cfg, BatchedVoice(make_voice_model(cfg, ["alto", "bass", "tenor"], seed=2), slots=12))
+    yield srv
+    srv.stop()
+
+
+async def _stream(url, x, rate, block, voice=None, fmt="f32", pace=0.0, switch_at=None, extra=None, mode="fast"):
+    """Send x in blocks, receive everything; returns (ready, audio out, echoes, end message, acks)."""
+    out, echoes, acks = [], [], []
+    async with connect(url, max_size=None, compression=None) as ws:
+        start = {"type": "start", "version": 1, "sample_rate": rate, "format": fmt, "pace": mode}
+        if voice:
+            start["voice"] = voice
+        await ws.send(json.dumps(start))
+        ready = json.loads(await ws.recv())
+
+        async def reader():
+            async for m in ws:
+                if isinstance(m, bytes):
+                    seq, t, y = P.decode_audio(m, fmt, 10 ** 9)
+                    echoes.append(seq)
+                    out.append(y)
+                else:
+                    msg = json.loads(m)
+                    if msg["type"] == "end":
+                        return msg
+                    acks.append(msg)
+
+        task = asyncio.create_task(reader())
+        for i, pos in enumerate(range(0, x.shape[0], block)):
+            if switch_at is not None and i == switch_at:
+                await ws.send(json.dumps({"type": "set", "voice": extra}))
+            await ws.send(P.encode_audio(i, time.time(), x[pos: pos + block], fmt))
+            if pace:
+                await asyncio.sleep(pace)
+        await ws.send(json.dumps({"type": "stop"}))
+        end = await asyncio.wait_for(task, 30)
+    return ready, (np.concatenate(out) if out else np.zeros(0, np.float32)), echoes, end, acks
+
+
+def test_round_trip_converts_and_counts_match(model_server):
+    rate = 48000
+    x = _speech_like(1.5, rate, 0)
+    ready, y, echoes, end, _ = asyncio.run(_stream(model_server.url, x, rate, 1234, voice="bass"))
+    assert ready["type"] == "ready" and ready["voice"] == "bass" and ready["voices"] == ["alto", "bass", "tenor"]
+    assert ready["sample_rate"] == rate and ready["hop"] == 480 and 0 < ready["latency_ms"] <= 20
+    assert y.shape[0] == x.shape[0] == end["samples_in"] == end["samples_out"]
+    assert end["dropped_samples"] == 0
+    lat = round(ready["latency_ms"] * rate / 1000)
+    # each output frame echoes the newest client frame it completes (output j <-> input j - latency)
+    assert echoes == sorted(echoes) and echoes[-1] == (x.shape[0] - lat) // 1234 - 1
+    assert np.abs(y).max() > 1e-3
+    assert np.corrcoef(y[lat:], x[: x.shape[0] - lat])[0, 1] < 0.9, "output is the input, not converted audio"
+
+
+def test_voice_switch_mid_stream(model_server):
+    rate = 24000
+    x = _speech_like(1.0, rate, 1)
+    _, y, _, end, acks = asyncio.run(_stream(model_server.url, x, rate, 480, voice="alto", switch_at=25, extra="tenor"))
+    assert {"type": "ack", "voice": "tenor", "transpose": None} in acks
+    assert y.shape[0] == x.shape[0] and end["samples_out"] == x.shape[0]
+
+
+def test_http_endpoints(model_server):
+    base = f"http://127.0.0.1:{model_server.port}"
+    assert urllib.request.urlopen(base + "/healthz").read() == b"ok\n"
+    assert json.loads(urllib.request.urlopen(base + "/v1/voices").read()) == {"voices": ["alto", "bass", "tenor"]}
+    metrics = urllib.request.urlopen(base + "/metrics").read().decode()
+    assert "rtvc_sessions " in metrics and 'rtvc_step_ms{quantile="0.99"}' in metrics
