@@ -65,12 +65,12 @@ def frame_convert(mel, pitch, enc, codebook, cb_norm, dec, out):  # pragma: no c
         out[:, t] = _stack(zin, dws, dbs, dps, dks, dds, dbias, dcols)
 
 
-def stack_args(convs, bias: np.ndarray) -> tuple:
+def stack_args(convs, bias: np.ndarray, slot: int = 0) -> tuple:
     """Numba arguments for a stack of streaming ``CausalConv1d`` (inside ``streaming()``): weights and biases
-    as numpy views of the GEMM layouts, histories as numpy views of the modules' state (shared memory)."""
+    as numpy views of the GEMM layouts, histories as numpy views of batch slot ``slot`` of the modules' state."""
     ws = tuple(c._w.numpy() for c in convs)
     bs = tuple(np.ascontiguousarray(c._b.numpy()[:, 0]) for c in convs)
-    pasts = tuple(c._state.past[0].numpy() for c in convs)
+    pasts = tuple(c._state.past[slot].numpy() for c in convs)
     ks = np.array([c.k for c in convs], np.int64)
     ds = np.array([c.d for c in convs], np.int64)
     cols = np.empty(max(c.k * c.c_in for c in convs), np.float32)

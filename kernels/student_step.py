@@ -80,17 +80,17 @@ def student_step(mel, cond, ups, first, layers, head, sub):  # pragma: no cover 
     return out
 
 
-def student_args(student) -> tuple:
-    """Numba arguments bound to a streaming :class:`rtvc.vocoder.Student` (weights + state views)."""
+def student_args(student, slot: int = 0) -> tuple:
+    """Numba arguments bound to a streaming :class:`rtvc.vocoder.Student` (weights + views of slot ``slot``)."""
     def conv(m):
-        return m._w.numpy(), np.ascontiguousarray(m._b.numpy()[:, 0]), m._state.past[0].numpy()
+        return m._w.numpy(), np.ascontiguousarray(m._b.numpy()[:, 0]), m._state.past[slot].numpy()
 
     ups = [conv(u) for u in student.ups]
     factors = np.array(student.cfg.upsample_factors[:-1], np.int64)
     layers = student.layers
     lw = tuple(l._w.numpy() for l in layers)
     lb = tuple(np.ascontiguousarray(l._b.numpy()[:, 0]) for l in layers)
-    lp = tuple(l.conv._state.past[0].numpy() for l in layers)
+    lp = tuple(l.conv._state.past[slot].numpy() for l in layers)
     dils = np.array([l.conv.d for l in layers], np.int64)
     ks = np.array([l.conv.k for l in layers], np.int64)
     rw = tuple(l._wr.numpy() for l in layers)

@@ -271,9 +271,9 @@ class Server:
                 return
 
     async def _send_ready(self, s: Session) -> None:
-        n = s.engine.available()
-        if s.closing:
-            n = min(n, s.samples_in - s.samples_out)  # output count == input count over the session
+        # never ahead of the input: output j is the conversion of input j - latency, so output count == input
+        # count over the session (the latency's worth of prefilled silence leads the stream)
+        n = min(s.engine.available(), s.samples_in - s.samples_out)
         if n <= 0:
             return
         out = np.empty(n, np.float32)
@@ -320,6 +320,8 @@ class Server:
     async def run(self, ready: asyncio.Future | None = None) -> None:
         c = self.cfg.server
         self._loop = asyncio.get_running_loop()
+        if hasattr(self.runner, "warmup"):
+            self.runner.warmup()
         self._worker.start()
         frame_bytes = P.HEADER.size + c.max_frame_samples * 4
         stop = self._loop.create_future()

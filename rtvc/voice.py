@@ -104,16 +104,7 @@ class VoiceConverter:
     def _fused(self) -> tuple:
         """Arguments of :func:`kernels.frame_stack.frame_convert`, bound to the current streaming state."""
         if self._fused_args is None:
-            from kernels.frame_stack import stack_args
-            v = self.model.vqvae
-            enc = [v.encoder.inp, *(b.conv for b in v.encoder.blocks), v.encoder.out]
-            dec = [v.decoder.inp, *(b.conv for b in v.decoder.blocks), v.decoder.out]
-            c = v.decoder.inp.c_out
-            with torch.no_grad():
-                spk_bias = v.decoder.spk(self._spk).reshape(-1, c).numpy()
-                cb = v.vq.codebook.detach().contiguous().numpy()
-            self._fused_args = (stack_args(enc, np.zeros((len(enc) - 1, v.encoder.inp.c_out), np.float32)),
-                                cb, (cb * cb).sum(1), stack_args(dec, spk_bias))
+            self._fused_args = fused_frame_args(self.model, self._spk, 0)
         return self._fused_args
 
     def with_voice(self, voice: str, transpose: float | None = None) -> "VoiceConverter":
@@ -199,6 +190,20 @@ class VoiceConverter:
             self.model.start_streaming(1)
             self._fused_args = self._student_args = None  # new state tensors
             self.mapper, self._held = saved
+
+
+def fused_frame_args(model: VoiceModel, spk: torch.Tensor, slot: int) -> tuple:
+    """(encoder args, codebook, ||codebook||^2, decoder args) for :func:`kernels.frame_stack.frame_convert`,
+    bound to batch slot ``slot`` of the streaming state and speaker embedding ``spk`` [1, S]."""
+    from kernels.frame_stack import stack_args
+    v = model.vqvae
+    enc = [v.encoder.inp, *(b.conv for b in v.encoder.blocks), v.encoder.out]
+    dec = [v.decoder.inp, *(b.conv for b in v.decoder.blocks), v.decoder.out]
+    with torch.no_grad():
+        spk_bias = v.decoder.spk(spk).reshape(-1, v.decoder.inp.c_out).numpy()
+        cb = v.vq.codebook.detach().contiguous().numpy()
+    return (stack_args(enc, np.zeros((len(enc) - 1, v.encoder.inp.c_out), np.float32), slot),
+            cb, (cb * cb).sum(1), stack_args(dec, spk_bias, slot))
 
 
 def make_voice_model(cfg: Config, speakers: list[str], seed: int = 0) -> VoiceModel:

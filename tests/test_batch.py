@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from rtvc.batch import BatchedVoice
 from rtvc.config import load_config
@@ -13,9 +14,12 @@ from test_streaming import _speech_like
 CFG = load_config()
 
 
-def test_batched_slots_match_single_streams():
+@pytest.mark.parametrize("fused", [True, False])
+def test_batched_slots_match_single_streams(fused):
+    """fused: per-slot numba kernels (CPU default); not fused: one torch step over the gathered slots."""
     names = ["a", "b", "c"]
     bv = BatchedVoice(make_voice_model(CFG, names, seed=7), slots=4)
+    bv.fused = fused
     hop = bv.hop
     xs = [_speech_like(0.6, bv.sample_rate, s) for s in range(3)]
     plans = [("a", 0.0), ("c", 2.0), ("b", -1.0)]

@@ -47,6 +47,16 @@ def _cfg(**kw):
 
 
 @pytest.fixture(scope="module")
+def small_server():
+    """A small model: the concurrency tests exercise the server, not the model's speed (rtvc profile does)."""
+    from conftest import make_tiny_config
+    cfg = make_tiny_config(**{"server.port": 0, "server.max_sessions": 12})
+    srv = Running(cfg, BatchedVoice(make_voice_model(cfg, ["alto", "bass", "tenor"], seed=2), slots=12))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
 def model_server():
     cfg = _cfg()
     srv = Running(cfg, BatchedVoice(make_voice_model(cfg, ["alto", "bass", "tenor"], seed=2), slots=12))
@@ -117,3 +127,49 @@ def test_http_endpoints(model_server):
     assert json.loads(urllib.request.urlopen(base + "/v1/voices").read()) == {"voices": ["alto", "bass", "tenor"]}
     metrics = urllib.request.urlopen(base + "/metrics").read().decode()
     assert "rtvc_sessions " in metrics and 'rtvc_step_ms{quantile="0.99"}' in metrics
+
+
+def test_eight_sessions_twenty_seconds_realtime(small_server):
+    """8 concurrent real-time sessions for 20 s: every frame answered, in order, nothing dropped."""
+    rate, block, seconds = 24000, 480, 20.0
+
+    async def one(i):
+        x = _speech_like(seconds, rate, 10 + i)
+        return x, await _stream(small_server.url, x, rate, block, voice=["alto", "bass", "tenor"][i % 3],
+                                pace=block / rate, mode="realtime")
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    for x, (ready, y, echoes, end, _) in asyncio.run(main()):
+        assert end["samples_in"] == end["samples_out"] == x.shape[0] == y.shape[0]
+        assert end["frames_in"] == x.shape[0] // block
+        assert end["dropped_samples"] == 0, end
+        assert all(b >= a for a, b in zip(echoes, echoes[1:])), "reordered frames"
+        lat = round(ready["latency_ms"] * rate / 1000)
+        assert echoes[-1] == (x.shape[0] - lat) // block - 1  # the newest completed frame at the end
+
+
+class SlowRunner(PassthroughBatch):
+    """Passthrough that takes 25 ms per batched step: 2.5x slower than real time for 10 ms hops."""
+
+    def step(self, slots, hops):
+        time.sleep(0.025)
+        return hops.copy()
+
+
+def test_overload_keeps_delay_bounded_and_reports_drops():
+    cfg = _cfg(**{"engine.max_backlog_ms": 60.0})
+    srv = Running(cfg, SlowRunner(cfg, 4))
+    rate, block = 24000, 240
+    x = np.arange(1, rate * 3 + 1, dtype=np.float32) / (rate * 4)  # each sample names its index
+    try:
+        ready, y, echoes, end, _ = asyncio.run(_stream(srv.url, x, rate, block, pace=block / rate, mode="realtime"))
+    finally:
+        srv.stop()
+    assert end["dropped_samples"] > rate // 2, end  # most of the audio could not be converted in time
+    got = np.rint(y * rate * 4).astype(np.int64) - 1
+    heard = got[got >= 0]
+    assert np.all(np.diff(heard) > 0), "reordered or repeated samples"
+    # everything not heard is accounted for by the drop counter (the end of the stream is flushed)
+    assert x.shape[0] - heard.shape[0] <= end["dropped_samples"] + end["gap_samples"]
