@@ -41,6 +41,7 @@ class BatchedVoice:
         # at these sizes is op dispatch (the GPU issue batches with custom kernels instead)
         self.fused = self.device.type == "cpu"
         self._args: list[tuple | None] = [None] * slots
+        self._reset: set[int] = set()
 
     def warmup(self) -> None:
         """Run a few hops on a scratch slot so no session pays first-call costs (JIT cache loads, allocations)."""
@@ -60,9 +61,9 @@ class BatchedVoice:
             if not self._free:
                 raise NoFreeSlot(f"all {self.capacity} stream slots are in use")
             slot = self._free.pop()
-        self.model.reset_streaming([slot])
-        self._mapper[slot].reset()
-        self._held[slot] = 0.0
+            # the state is zeroed by the worker at its next step: the worker may be inside a step right now,
+            # with the slot states gathered, so only it may touch them
+            self._reset.add(slot)
         self.set(slot, voice, transpose)
         return slot
 
@@ -85,6 +86,13 @@ class BatchedVoice:
     def step(self, slots: list[int], hops: np.ndarray) -> np.ndarray:
         """One hop for each of ``slots``: hops [n, hop] float32 (model rate) -> [n, hop]."""
         m = self.model
+        with self._lock:
+            fresh, self._reset = sorted(self._reset), set()
+        if fresh:
+            m.reset_streaming(fresh)
+            for s in fresh:
+                self._mapper[s].reset()
+                self._held[s] = 0.0
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         wav = torch.from_numpy(np.ascontiguousarray(hops, dtype=np.float32)).to(self.device)
         with m.frontend.slots(idx):

@@ -173,3 +173,96 @@ def test_overload_keeps_delay_bounded_and_reports_drops():
     assert np.all(np.diff(heard) > 0), "reordered or repeated samples"
     # everything not heard is accounted for by the drop counter (the end of the stream is flushed)
     assert x.shape[0] - heard.shape[0] <= end["dropped_samples"] + end["gap_samples"]
+
+
+MALFORMED = [
+    # (name, first message(s) after connect, expected error code, expected close code)
+    ("bad_json", ["{not json"], "bad_json", 1008),
+    ("binary_first", [b"\x00" * 16], "bad_order", 1008),
+    ("unknown_type", ["START", {"type": "dance"}], "unknown_type", 1008),
+    ("wrong_version", [{"type": "start", "version": 2, "sample_rate": 48000}], "bad_version", 1008),
+    ("huge_frame", ["START", P.HEADER.pack(0, 0.0) + b"\x00" * 4 * 60000], "frame_too_large", 1009),
+    ("odd_bytes", ["START", P.HEADER.pack(0, 0.0) + b"\x00" * 7], "bad_frame", 1008),
+    ("nan", ["START", P.HEADER.pack(0, 0.0) + np.array([0.1, np.nan], "<f4").tobytes()], "bad_samples", 1003),
+    ("unknown_voice", [{"type": "start", "version": 1, "sample_rate": 48000, "voice": "nobody"}], "unknown_voice", 1008),
+    ("second_start", ["START", "START"], "bad_order", 1008),
+    ("not_object", ["[1, 2]"], "bad_message", 1008),
+]
+START_MSG = {"type": "start", "version": 1, "sample_rate": 24000, "format": "f32"}
+
+
+async def _expect_error(url, messages, headers=None):
+    async with connect(url, additional_headers=headers or {}, max_size=None) as ws:
+        started = False
+        for m in messages:
+            m = START_MSG if m == "START" else m
+            await ws.send(json.dumps(m) if isinstance(m, dict) else m)
+            if m is START_MSG and not started:
+                started = True
+                reply = json.loads(await ws.recv())
+                assert reply["type"] == "ready", reply
+        err = json.loads(await ws.recv())
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+        return err, ws.close_code
+
+
+def test_malformed_input_errors_while_a_healthy_session_streams(model_server):
+    async def main():
+        healthy = asyncio.create_task(_stream(model_server.url, _speech_like(4.0, 24000, 5), 24000, 480,
+                                              pace=0.02, mode="realtime"))
+        results = {}
+        for name, msgs, code, close in MALFORMED:
+            results[name] = await _expect_error(model_server.url, msgs)
+        return results, await healthy
+
+    results, (ready, y, echoes, end, _) = asyncio.run(main())
+    for name, msgs, code, close in MALFORMED:
+        err, got_close = results[name]
+        assert err["type"] == "error" and err["code"] == code and err["message"], (name, err)
+        assert got_close == close, (name, got_close)
+    assert end["samples_out"] == end["samples_in"] == y.shape[0] == 96000 and end["dropped_samples"] == 0
+
+
+def test_token_auth():
+    cfg = _cfg(**{"server.token": "s3cret"})
+    srv = Running(cfg, PassthroughBatch(cfg, 2))
+    try:
+        err, close = asyncio.run(_expect_error(srv.url, []))
+        assert err["code"] == "unauthorized" and close == 4401
+        err, close = asyncio.run(_expect_error(srv.url, [], {"Authorization": "Bearer wrong"}))
+        assert close == 4401
+        ok = asyncio.run(_stream(srv.url + "?token=s3cret", np.zeros(4800, np.float32), 24000, 480))
+        assert ok[3]["samples_out"] == 4800
+
+        async def with_header():
+            async with connect(srv.url, additional_headers={"Authorization": "Bearer s3cret"}) as ws:
+                await ws.send(json.dumps(START_MSG))
+                return json.loads(await ws.recv())["type"]
+        assert asyncio.run(with_header()) == "ready"
+    finally:
+        srv.stop()
+
+
+def test_session_limit_and_stats():
+    cfg = _cfg(**{"server.max_sessions": 1})
+    srv = Running(cfg, PassthroughBatch(cfg, 1))
+
+    async def main():
+        async with connect(srv.url) as ws:
+            await ws.send(json.dumps(START_MSG))
+            await ws.recv()
+            err = await _expect_error(srv.url, [])
+            await ws.send(P.encode_audio(7, 1.0, np.zeros(480, np.float32), "f32"))
+            await ws.send(json.dumps({"type": "stats"}))
+            while True:
+                m = await ws.recv()
+                if isinstance(m, str):
+                    return err, json.loads(m)
+    try:
+        (err, close), stats = asyncio.run(main())
+    finally:
+        srv.stop()
+    assert err["code"] == "server_full" and close == 1013
+    assert stats["type"] == "stats" and stats["frames_in"] == 1 and stats["samples_in"] == 480
+    assert set(stats["compute_ms"]) == {"p50", "p99"}
