@@ -266,3 +266,47 @@ def test_session_limit_and_stats():
     assert err["code"] == "server_full" and close == 1013
     assert stats["type"] == "stats" and stats["frames_in"] == 1 and stats["samples_in"] == 480
     assert set(stats["compute_ms"]) == {"p50", "p99"}
+
+
+def test_fuzzed_client_messages_never_crash_the_server(model_server):
+    """Random message sequences (valid, half-valid and garbage, text and binary): every connection ends in a
+    protocol error or normally, never an internal error (1011), and the server keeps serving."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    json_val = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                            max_leaves=6)
+    control = st.fixed_dictionaries({"type": st.sampled_from(["start", "set", "stats", "stop", "x", 3])},
+                                    optional={"version": st.sampled_from([1, 2, "1"]),
+                                              "sample_rate": st.sampled_from([8000, 16000, 24000, 44100, 0, -1, 1e9]),
+                                              "format": st.sampled_from(["f32", "s16", "u8"]),
+                                              "voice": st.sampled_from(["alto", "nobody", 5]),
+                                              "transpose": st.sampled_from([0, 3.5, 100, "up"]),
+                                              "junk": json_val})
+    audio = st.builds(lambda seq, n, odd: P.HEADER.pack(seq, 0.0) + b"\x01" * (4 * n + odd),
+                      st.integers(0, 2 ** 32 - 1), st.integers(0, 3000), st.integers(0, 3))
+    message = (control.map(json.dumps) | json_val.map(lambda v: json.dumps(v, allow_nan=True)) | st.text(max_size=20)
+               | st.binary(max_size=64) | audio)
+
+    async def session(msgs):
+        async with connect(model_server.url, max_size=None) as ws:
+            try:
+                for m in msgs:
+                    await ws.send(m)
+                await ws.send(json.dumps({"type": "stop"}))
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            except ConnectionClosed:
+                pass
+            return ws.close_code
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(message, min_size=1, max_size=6))
+    def run(msgs):
+        code = asyncio.run(session(msgs))
+        assert code in (1000, 1003, 1008, 1009), code
+
+    run()
+    _, y, _, end, _ = asyncio.run(_stream(model_server.url, np.zeros(4800, np.float32), 24000, 480))
+    assert end["samples_out"] == 4800 and model_server.server.totals["errors"] == 0
