@@ -310,3 +310,28 @@ def test_fuzzed_client_messages_never_crash_the_server(model_server):
     run()
     _, y, _, end, _ = asyncio.run(_stream(model_server.url, np.zeros(4800, np.float32), 24000, 480))
     assert end["samples_out"] == 4800 and model_server.server.totals["errors"] == 0
+
+
+def test_stream_file_client(model_server, tmp_path):
+    import subprocess
+    import sys
+    import soundfile as sf
+    x = _speech_like(1.0, 44100, 9)
+    sf.write(str(tmp_path / "in.wav"), x, 44100)
+    r = subprocess.run([sys.executable, "clients/stream_file.py", str(tmp_path / "in.wav"), str(tmp_path / "out.wav"),
+                        "--url", model_server.url, "--voice", "tenor", "--format", "s16"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    y, rate = sf.read(str(tmp_path / "out.wav"))
+    assert rate == 44100 and y.shape == x.shape and np.abs(y).max() > 1e-3
+    assert "voice tenor" in r.stdout and "dropped 0 samples" in r.stdout
+
+
+def test_clients_need_no_torch():
+    import subprocess
+    import sys
+    code = ("import sys, runpy; import rtvc.client, rtvc.protocol, rtvc.ringbuffer, rtvc.devices; "
+            "runpy.run_path('clients/stream_file.py', run_name='not_main'); "
+            "assert 'torch' not in sys.modules, 'a client imported torch'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
