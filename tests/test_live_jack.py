@@ -60,10 +60,11 @@ def _signal(n: int, seed: int = 0) -> np.ndarray:
     return (0.3 * x * env).astype(np.float32)
 
 
-def test_live_duplex_through_jack(jack_server, tmp_path):
+def _duplex(cmd: list[str], seconds: float) -> tuple[np.ndarray, np.ndarray, str, int]:
+    """Run ``cmd`` (a JACK client through PortAudio) while a JACK client of the test feeds its input port with a
+    known signal and records its output port. Returns (sent, recorded, log, returncode)."""
     import jack
 
-    seconds = 6.0
     sig = _signal(int(RATE * (seconds + 4)))
     rec = np.zeros_like(sig)
     pos = np.zeros(1, np.int64)
@@ -81,47 +82,56 @@ def test_live_duplex_through_jack(jack_server, tmp_path):
             out_port.get_array().fill(0.0)
         pos[0] = p + frames
 
-    stats = tmp_path / "live.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # input device by name, output device by index: both resolution paths go through PortAudio for real
-    cmd = [sys.executable, "-m", "rtvc", "live", "--host-api", "JACK", "--input-device", "system",
-           "--output-device", str(_jack_device_index()), "--rate", str(RATE), "--block-ms", "10",
-           "--duration", str(seconds), "--stats-json", str(stats)]
-    live = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
-        # wait for rtvc's PortAudio client ports, then route test signal -> rtvc -> recorder
+        # wait for the program's PortAudio client ports, then route test signal -> program -> recorder
         rt_in = rt_out = None
         for _ in range(150):
             ports = [p.name for p in feeder.get_ports(is_audio=True)
                      if not p.name.startswith(("system:", "rtvc-test-"))]
             rt_in = next((p for p in ports if feeder.get_port_by_name(p).is_input), None)
             rt_out = next((p for p in ports if feeder.get_port_by_name(p).is_output), None)
-            if rt_in and rt_out or live.poll() is not None:
+            if rt_in and rt_out or proc.poll() is not None:
                 break
             time.sleep(0.05)
-        assert rt_in and rt_out, f"rtvc live exposed no JACK ports: {live.communicate(timeout=20)[0].decode()}"
+        assert rt_in and rt_out, f"no JACK ports appeared: {proc.communicate(timeout=20)[0].decode()}"
         feeder.activate()
         start = int(pos[0])
         feeder.connect(out_port, rt_in)
         feeder.connect(rt_out, in_port)
-        log = live.communicate(timeout=seconds + 30)[0].decode(errors="replace")
+        log = proc.communicate(timeout=seconds + 30)[0].decode(errors="replace")
     finally:
-        if live.poll() is None:
-            live.kill()
+        if proc.poll() is None:
+            proc.kill()
         feeder.deactivate()
         feeder.close()
-    assert live.returncode == 0, log
-    report = json.loads(stats.read_text())
     end = int(pos[0])
+    return sig[start:end], rec[start:end], log, proc.returncode
 
+
+def _best_lag(x: np.ndarray, y: np.ndarray, lo: int, hi: int) -> tuple[int, float]:
+    seg = slice(RATE // 2, y.shape[0] - RATE)  # steady state, inside the recorded window
+    errs = {d: float(np.max(np.abs(y[seg.start + d: seg.stop + d] - x[seg]))) for d in range(lo, hi + 1)}
+    best = min(errs, key=errs.get)
+    return best, errs[best]
+
+
+def test_live_duplex_through_jack(jack_server, tmp_path):
+    seconds = 6.0
+    stats = tmp_path / "live.json"
+    # input device by name, output device by index: both resolution paths go through PortAudio for real
+    cmd = [sys.executable, "-m", "rtvc", "live", "--host-api", "JACK", "--input-device", "system",
+           "--output-device", str(_jack_device_index()), "--rate", str(RATE), "--block-ms", "10",
+           "--duration", str(seconds), "--stats-json", str(stats)]
+    x, y, log, rc = _duplex(cmd, seconds)
+    assert rc == 0, log
+    report = json.loads(stats.read_text())
     # audio went through: the recording is the signal, delayed by the reported latency + JACK graph periods
     lat = round(report["latency_ms"] * RATE / 1000)
-    x, y = sig[start: end], rec[start: end]
-    seg = slice(RATE // 2, y.shape[0] - RATE)  # steady state, inside the recorded window
-    errs = {d: float(np.max(np.abs(y[seg.start + d: seg.stop + d] - x[seg]))) for d in range(lat, lat + 4 * PERIOD + 1)}
-    best = min(errs, key=errs.get)
-    assert errs[best] < 1e-6, f"output is not the delayed input (best lag {best}, error {errs[best]:.3g}); log:\n{log}"
-    assert float(np.max(np.abs(y[seg]))) > 0.1, "nothing came back"
+    best, err = _best_lag(x, y, lat, lat + 4 * PERIOD)
+    assert err < 1e-6, f"output is not the delayed input (best lag {best}, error {err:.3g}); log:\n{log}"
+    assert float(np.max(np.abs(y))) > 0.1, "nothing came back"
     # no underruns at the configured block size, from the first callback on
     assert report["block_frames"] == PERIOD
     assert report["engine"]["underruns"] == 0, log  # rtvc's output ring never ran dry
@@ -131,3 +141,24 @@ def test_live_duplex_through_jack(jack_server, tmp_path):
     assert report["engine"]["dropped_in"] == report["engine"]["dropped_late"] == 0, log
     print(f"measured delay {best} samples = {1000 * best / RATE:.2f} ms "
           f"(engine nominal {report['latency_ms']:.2f} ms + {(best - lat) // PERIOD} JACK periods)")
+
+
+def test_mic_client_through_jack_and_server(jack_server):
+    """clients/mic.py: JACK microphone -> websocket -> rtvc server (passthrough) -> JACK speakers."""
+    from rtvc.config import load_config
+    from rtvc.server import PassthroughBatch
+    from test_server import Running
+    cfg = load_config().replace(**{"server.port": 0})
+    srv = Running(cfg, PassthroughBatch(cfg, 2))
+    seconds = 5.0
+    try:
+        cmd = [sys.executable, "clients/mic.py", "--url", srv.url, "--input-device", "system", "--output-device",
+               "system", "--rate", str(RATE), "--block-ms", "10", "--duration", str(seconds)]
+        x, y, log, rc = _duplex(cmd, seconds)
+    finally:
+        srv.stop()
+    assert rc == 0, log
+    assert "round trip" in log and "algorithmic" in log
+    best, err = _best_lag(x, y, 0, RATE // 5)  # delay: jitter buffer + round trip + algorithmic, < 200 ms
+    assert err < 1e-4, f"mic client output is not the (delayed) input: lag {best}, error {err:.3g}\n{log}"
+    print(f"mic client: measured delay {1000 * best / RATE:.1f} ms")
