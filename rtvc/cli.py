@@ -92,6 +92,21 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, help="port (default server.port)")
     sv.add_argument("--model", help="voice model file (default: paths.model)")
 
+    pf = sub.add_parser("profile", help="measure latency end to end (local engine and/or a server), JSON + PNG",
+                        description="Streams a chirp train through the local engine and/or a server on a real-time "
+                                    "clock; reports algorithmic latency, per-stage compute, websocket round trips, the "
+                                    "measured delay (cross-correlation) and how many concurrent clients stay real time.")
+    pf.add_argument("--server", metavar="URL", help="profile this server (ws://HOST:PORT/v1/stream)")
+    pf.add_argument("--serve", action="store_true", help="start a server in-process and profile it")
+    pf.add_argument("--no-local", action="store_true", help="skip the local engine")
+    pf.add_argument("--seconds", type=float, default=8.0)
+    pf.add_argument("--rate", type=int, default=48000, help="client sample rate")
+    pf.add_argument("--block-ms", type=float, default=10.0)
+    pf.add_argument("--max-clients", type=int, default=64, help="load test up to this many concurrent clients")
+    pf.add_argument("--token")
+    pf.add_argument("--model", help="voice model file (default: paths.model)")
+    pf.add_argument("--out", default="bench/results/profile", help="folder for profile.json and profile.png")
+
     be = sub.add_parser("bench", help="benchmark the streaming converter on this CPU (prints, saves JSON)")
     be.add_argument("--out", default="bench/results/pipeline_cpu.json", help="where to save the JSON")
     be.add_argument("--seconds", type=float, default=5.0, help="audio seconds streamed per measurement")
@@ -228,6 +243,15 @@ def _cmd_serve(cfg: Config, a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(cfg: Config, a: argparse.Namespace) -> int:
+    from .profile import describe, run_profile
+    res = run_profile(cfg, a.out, local=not a.no_local, server_url=a.server, serve=a.serve, seconds=a.seconds,
+                      rate=a.rate, block_ms=a.block_ms, max_clients=a.max_clients, token=a.token)
+    print(describe(res))
+    print(f"saved {Path(a.out) / 'profile.json'} and {Path(a.out) / 'profile.png'}")
+    return 0
+
+
 def _cmd_bench(cfg: Config, a: argparse.Namespace) -> int:
     from .bench import run_bench
     run_bench(cfg, a.out, a.seconds)
@@ -236,7 +260,7 @@ def _cmd_bench(cfg: Config, a: argparse.Namespace) -> int:
 
 COMMANDS = {"config": _cmd_config, "devices": _cmd_devices, "convert": _cmd_convert, "live": _cmd_live,
             "voices": _cmd_voices, "data": _cmd_data, "train": _cmd_train, "export": _cmd_export, "bench": _cmd_bench,
-            "serve": _cmd_serve}
+            "serve": _cmd_serve, "profile": _cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

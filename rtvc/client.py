@@ -40,6 +40,7 @@ class StreamClient:
     end: dict | None = None
     controls: list = field(default_factory=list)
     seq: int = 0
+    t0: float = 0.0
     ws: ClientConnection | None = None
 
     async def __aenter__(self) -> "StreamClient":
@@ -104,7 +105,7 @@ async def stream_array(url: str, x: np.ndarray, rate: int, block: int, *, realti
                 frames.append(r)
 
         task = asyncio.create_task(reader())
-        t0 = time.monotonic()
+        t0 = c.t0 = time.monotonic()  # the input timeline starts with the first send
         for i, pos in enumerate(range(0, x.shape[0], block)):
             await c.send(x[pos: pos + block])
             if realtime:  # hold the pace of a live source
