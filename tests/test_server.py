@@ -335,3 +335,52 @@ def test_clients_need_no_torch():
             "assert 'torch' not in sys.modules, 'a client imported torch'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_sigterm_flushes_and_closes_1001(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "rtvc", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"ws://127.0.0.1:{port}{P.PATH}"
+
+    async def main():
+        for _ in range(200):
+            try:
+                async with connect(url) as ws:
+                    break
+            except OSError:
+                await asyncio.sleep(0.05)
+        async with connect(url) as ws:
+            await ws.send(json.dumps(START_MSG))
+            await ws.recv()
+            for i in range(50):
+                await ws.send(P.encode_audio(i, 0.0, np.full(480, 0.1, np.float32), "f32"))
+            await asyncio.sleep(0.3)
+            os.kill(proc.pid, signal.SIGTERM)
+            got, end = 0, None
+            try:
+                while True:
+                    m = await ws.recv()
+                    if isinstance(m, bytes):
+                        got += (len(m) - P.HEADER.size) // 4
+                    elif json.loads(m)["type"] == "end":
+                        end = json.loads(m)
+            except ConnectionClosed:
+                pass
+            return got, end, ws.close_code
+
+    try:
+        got, end, code = asyncio.run(main())
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 1001 and end is not None
+    assert got == end["samples_out"] == end["samples_in"] == 50 * 480
