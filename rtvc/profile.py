@@ -47,13 +47,18 @@ def envelope(x: np.ndarray, rate: int) -> np.ndarray:
     return e - e.mean()
 
 
-def measured_delay(x: np.ndarray, y: np.ndarray, rate: int, max_ms: float = 500.0) -> tuple[float, np.ndarray]:
-    """Lag (ms) maximising the correlation of the output envelope with the input's, and the correlation curve."""
+def measured_delay(x: np.ndarray, y: np.ndarray, rate: int, max_ms: float = 500.0
+                   ) -> tuple[float | None, np.ndarray]:
+    """Lag (ms) maximising the correlation of the output envelope with the input's (None when the best
+    normalised correlation is below 0.3: the output does not follow the input, e.g. an untrained model), and
+    the normalised correlation curve."""
     n = min(x.shape[0], y.shape[0])
     ex, ey = envelope(x[:n], rate), envelope(y[:n], rate)
     size = 1 << int(np.ceil(np.log2(2 * n)))
     xc = np.fft.irfft(np.fft.rfft(ey, size) * np.conj(np.fft.rfft(ex, size)), size)[: int(max_ms * rate / 1000)]
-    return 1000.0 * int(np.argmax(xc)) / rate, xc
+    xc = xc / (np.linalg.norm(ex) * np.linalg.norm(ey) + 1e-12)
+    best = int(np.argmax(xc))
+    return (1000.0 * best / rate if xc[best] >= 0.3 else None), xc
 
 
 def profile_local(cfg: Config, seconds: float, rate: int, block_ms: float) -> dict:
@@ -177,9 +182,10 @@ def _plot(path: Path, local: dict | None, server: dict | None) -> None:
         if res:
             xc = res["_xcorr"]
             t = 1000 * np.arange(xc.shape[0]) / res["sample_rate"]
-            ax[1, 1].plot(t, xc / (np.abs(xc).max() + 1e-12), style,
-                          label=f"{label}: measured {res['measured_delay_ms']:.1f} ms")
-    ax[1, 1].set_title("output/input envelope correlation vs delay")
+            d = res["measured_delay_ms"]
+            ax[1, 1].plot(t, xc, style, label=f"{label}: " + (f"measured {d:.1f} ms" if d is not None else
+                                                              "not measurable (output does not follow input)"))
+    ax[1, 1].set_title("output/input envelope correlation (normalised) vs delay")
     ax[1, 1].set_xlabel("delay (ms)")
     ax[1, 1].legend()
     fig.tight_layout()
@@ -218,13 +224,17 @@ def run_profile(cfg: Config, out_dir: str | Path, *, local: bool, server_url: st
     return clean
 
 
+def _ms(v: float | None) -> str:
+    return f"{v:.2f} ms" if v is not None else "not measurable (output does not follow the input: untrained model?)"
+
+
 def describe(result: dict) -> str:
     lines = []
     if "local" in result:
         r = result["local"]
         lines.append(f"local engine ({r['converter']}, {r['sample_rate']} Hz, {r['block_ms']:g} ms blocks): "
                      f"algorithmic {r['algorithmic_latency_ms']:.2f} ms, nominal {r['nominal_latency_ms']:.2f} ms, "
-                     f"measured {r['measured_delay_ms']:.2f} ms; compute p50 {r['compute_ms']['p50']:.3f} ms "
+                     f"measured {_ms(r['measured_delay_ms'])}; compute p50 {r['compute_ms']['p50']:.3f} ms "
                      f"p99 {r['compute_ms']['p99']:.3f} ms per hop (RTF {r['rtf']:.3f}); underruns {r['underruns']}, "
                      f"dropped {r['dropped']}")
         for k, v in r["stages"].items():
@@ -233,7 +243,7 @@ def describe(result: dict) -> str:
         r = result["server"]
         q = r["round_trip_ms"]
         lines.append(f"server {r['url']}: algorithmic {r['algorithmic_latency_ms']:.2f} ms, measured end-to-end "
-                     f"{r['measured_delay_ms']:.2f} ms, round trip p50 {q['p50']:.2f} p95 {q['p95']:.2f} "
+                     f"{_ms(r['measured_delay_ms'])}, round trip p50 {q['p50']:.2f} p95 {q['p95']:.2f} "
                      f"p99 {q['p99']:.2f} ms, dropped {r['dropped_samples']}")
         for c in r["capacity"]:
             lines.append(f"  {c['clients']:>4} clients: round trip p99 {c['round_trip_p99_ms']:.1f} ms, dropped "

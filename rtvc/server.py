@@ -97,6 +97,7 @@ class Server:
         self.sessions: dict[str, Session] = {}
         self._ids = itertools.count(1)
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._worker = threading.Thread(target=self._work, name="rtvc-batch-worker", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._step_ms: deque[float] = deque(maxlen=4096)
@@ -112,7 +113,9 @@ class Server:
                 if x is not None:
                     ready.append((s, x.copy()))
             if not ready:
-                time.sleep(0.001)
+                # sleep until audio arrives (the event loop sets the flag after each push), not a busy poll
+                self._wake.wait(0.05)
+                self._wake.clear()
                 continue
             t0 = time.perf_counter()
             try:
@@ -237,6 +240,7 @@ class Server:
                     while s.engine.queued() > s.engine.max_backlog // 2:
                         await asyncio.sleep(0.001)
                 s.engine.push(x)
+                self._wake.set()
                 s.frames_in += 1
                 s.samples_in += x.shape[0]
                 s.marks.append((s.samples_in, seq, t))
@@ -292,6 +296,7 @@ class Server:
         exactly ``samples_in`` samples in all, then "end" and close."""
         s.closing = True
         s.engine.push(np.zeros(s.engine.latency_samples + 8 * s.engine.hop, np.float32))
+        self._wake.set()
         s.ready.set()
         if s.sender is not None:
             try:

@@ -173,6 +173,11 @@ def test_overload_keeps_delay_bounded_and_reports_drops():
     assert np.all(np.diff(heard) > 0), "reordered or repeated samples"
     # everything not heard is accounted for by the drop counter (the end of the stream is flushed)
     assert x.shape[0] - heard.shape[0] <= end["dropped_samples"] + end["gap_samples"]
+    # delay stays bounded: output sample p carries input sample got[p]; p - got[p] = latency + lateness
+    lat = round(ready["latency_ms"] * rate / 1000)
+    where = np.nonzero(got >= 0)[0]
+    delay = where - got[where]
+    assert delay.min() >= lat and delay.max() <= lat + round(0.060 * rate) + 2 * block, (delay.min(), delay.max())
 
 
 MALFORMED = [
@@ -384,3 +389,21 @@ def test_sigterm_flushes_and_closes_1001(tmp_path):
             proc.kill()
     assert code == 1001 and end is not None
     assert got == end["samples_out"] == end["samples_in"] == 50 * 480
+
+
+def test_origin_allow_list():
+    cfg = _cfg(**{"server.allowed_origins": ["https://ok.example"]})
+    srv = Running(cfg, PassthroughBatch(cfg, 2))
+
+    async def attempt(origin):
+        try:
+            async with connect(srv.url, origin=origin) as ws:
+                await ws.send(json.dumps(START_MSG))
+                return json.loads(await ws.recv())["type"]
+        except Exception as e:  # the handshake is refused with HTTP 403
+            return type(e).__name__ + str(getattr(getattr(e, "response", None), "status_code", ""))
+    try:
+        assert asyncio.run(attempt("https://ok.example")) == "ready"
+        assert asyncio.run(attempt("https://evil.example")).endswith("403")
+    finally:
+        srv.stop()
