@@ -75,6 +75,20 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--min-seconds", type=float, default=0.5, help="clips shorter than this (after trimming) are errors")
     pr.add_argument("--skip-bad", action="store_true", help="skip unreadable / too-short / mismatched files, listing them")
 
+    ts = dsub.add_parser("testset", help="held-out parallel test set for `rtvc eval` (new sentences, unseen source)")
+    ts.add_argument("--out", help="output folder (default: <paths.data_dir>/testset)")
+    ts.add_argument("--source", default="kal", help="source voice, never a target (default kal)")
+    ts.add_argument("--targets", default="awb,rms,slt,esf,esm", help="comma-separated target voices")
+    ts.add_argument("--sentences", type=int, default=20)
+    ts.add_argument("--exclude", help="prepared cache whose sentences must not appear (default <paths.data_dir>/cache)")
+
+    ev = sub.add_parser("eval", help="speaker similarity, MCD, log-F0 correlation, RTF vs baselines on a test set")
+    ev.add_argument("--model", help="voice model file (default: paths.model)")
+    ev.add_argument("--testset", help="folder with testset.json (default: <paths.data_dir>/testset)")
+    ev.add_argument("--teacher", help="teacher checkpoint for the offline teacher-pipeline baseline")
+    ev.add_argument("--out", default="eval", help="folder for eval.json, eval.md and spectrograms/")
+    ev.add_argument("--max-items", type=int, help="evaluate only the first N sentences")
+
     tr = sub.add_parser("train", help="train a stage: vqvae, teacher or student (resumes from its checkpoint)")
     tr.add_argument("stage", choices=["vqvae", "teacher", "student"])
     tr.add_argument("--data", help="prepared cache folder (default: <paths.data_dir>/cache)")
@@ -207,6 +221,16 @@ def _cmd_data(cfg: Config, a: argparse.Namespace) -> int:
         counts = synth_corpus(out, a.sentences, a.voices.split(",") if a.voices else None, a.seed, a.jobs)
         print(f"{out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " utterances")
         return 0
+    if a.data_command == "testset":
+        from .data.synth import build_testset
+        cache = Path(a.exclude) if a.exclude else Path(cfg.paths.data_dir) / "cache"
+        texts = {u["text"] for u in json.loads((cache / "manifest.json").read_text())["utterances"] if u["text"]} \
+            if (cache / "manifest.json").is_file() else set()
+        out = _data_dir(cfg, a.out, "testset")
+        man = build_testset(out, a.source, a.targets.split(","), a.sentences, texts)
+        print(f"{out}: {len(man['items'])} sentences (none of the {len(texts)} training sentences), source "
+              f"{man['source']}, targets {', '.join(man['targets'])}")
+        return 0
     from .data.prepare import prepare_corpus
     out = _data_dir(cfg, a.out, "cache")
     man = prepare_corpus(cfg, a.corpus, out, a.val_fraction, a.min_seconds, a.skip_bad)
@@ -252,6 +276,17 @@ def _cmd_profile(cfg: Config, a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(cfg: Config, a: argparse.Namespace) -> int:
+    from .convert import NoVoiceModel
+    from .evaluate import evaluate, markdown
+    if not cfg.paths.model:
+        raise NoVoiceModel("no voice model to evaluate: pass --model FILE or set paths.model")
+    res = evaluate(cfg.paths.model, a.testset or Path(cfg.paths.data_dir) / "testset", a.out, a.teacher, a.max_items)
+    print(markdown(res))
+    print(f"saved {Path(a.out) / 'eval.json'}, {Path(a.out) / 'eval.md'} and {Path(a.out) / 'spectrograms'}/")
+    return 0
+
+
 def _cmd_bench(cfg: Config, a: argparse.Namespace) -> int:
     from .bench import run_bench
     run_bench(cfg, a.out, a.seconds)
@@ -260,7 +295,7 @@ def _cmd_bench(cfg: Config, a: argparse.Namespace) -> int:
 
 COMMANDS = {"config": _cmd_config, "devices": _cmd_devices, "convert": _cmd_convert, "live": _cmd_live,
             "voices": _cmd_voices, "data": _cmd_data, "train": _cmd_train, "export": _cmd_export, "bench": _cmd_bench,
-            "serve": _cmd_serve, "profile": _cmd_profile}
+            "serve": _cmd_serve, "profile": _cmd_profile, "eval": _cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,8 +126,9 @@ class VoiceConverter:
         return t
 
     @torch.inference_mode()
-    def _run(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav [1, N*hop] -> [1, N*hop]; streaming or offline depending on the modules' mode."""
+    def _run(self, wav: torch.Tensor, mel_only: bool = False) -> torch.Tensor:
+        """wav [1, N*hop] -> [1, N*hop]; streaming or offline depending on the modules' mode. ``mel_only``:
+        return the decoder's normalised mel [1, n_mels, N] instead (e.g. for another vocoder; torch path)."""
         m = self.model
         t = time.perf_counter()
         mel, frames = m.frontend(wav)
@@ -138,7 +139,7 @@ class VoiceConverter:
         pitch, self._held = lf0_features(f0, voiced, self._held)
         pitch_t = torch.from_numpy(pitch)[None].to(self.device)
         t = self._tick("pitch", t)
-        if self.fused and m.vqvae.encoder.is_streaming and mel.shape[0] == 1:
+        if self.fused and m.vqvae.encoder.is_streaming and mel.shape[0] == 1 and not mel_only:
             from kernels.frame_stack import frame_convert
             enc, cb, cb_norm, dec = self._fused()
             out = np.empty((mel.shape[1], mel.shape[2]), np.float32)
@@ -157,6 +158,8 @@ class VoiceConverter:
         t = self._tick("vq", t)
         mel_hat = m.vqvae.decoder(q, self._spk, pitch_t)
         t = self._tick("decoder", t)
+        if mel_only:
+            return mel_hat
         y = m.student(mel_hat)[:, 0]
         self._tick("vocoder", t)
         return y

@@ -8,6 +8,7 @@ Install the engines with ``bash scripts/install_tts.sh`` (flite, espeak-ng).
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import subprocess
@@ -85,7 +86,7 @@ def available_voices() -> list[TTSVoice]:
 
 
 def synth_corpus(out_dir: str | Path, n_sentences: int = 200, voices: list[str] | None = None, seed: int = 0,
-                 jobs: int = 2, progress: bool = True) -> dict[str, int]:
+                 jobs: int = 2, progress: bool = True, texts: list[str] | None = None) -> dict[str, int]:
     """Write ``out_dir/<speaker>/<id>.wav`` + ``.txt`` for every (voice, sentence); returns files per speaker.
 
     Every voice reads every sentence (a parallel corpus, which evaluation uses). Existing files are kept, so an
@@ -101,7 +102,7 @@ def synth_corpus(out_dir: str | Path, n_sentences: int = 200, voices: list[str] 
         raise RuntimeError(f"TTS engine for voice(s) {missing} is not installed: run `bash scripts/install_tts.sh` "
                            "(Debian packages flite and espeak-ng)")
     out = Path(out_dir)
-    texts = sentences(n_sentences, seed)
+    texts = texts if texts is not None else sentences(n_sentences, seed)
     jobs_list = []
     for name in wanted:
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -124,3 +125,24 @@ def synth_corpus(out_dir: str | Path, n_sentences: int = 200, voices: list[str] 
                       disable=not progress or not jobs_list):
             pass
     return {name: len(list((out / name).glob("*.wav"))) for name in wanted}
+
+
+def build_testset(out_dir: str | Path, source: str, targets: list[str], n_sentences: int, exclude_texts: set[str],
+                  seed: int = 9999, progress: bool = True) -> dict:
+    """A held-out parallel test set: ``n_sentences`` sentences none of which is in ``exclude_texts`` (the training
+    corpus), read by the ``source`` voice (which must not be a target) and by every target voice.
+    Writes ``out_dir/testset.json``."""
+    if source in targets:
+        raise ValueError(f"the source voice '{source}' must not also be a target")
+    norm = {t.strip().lower() for t in exclude_texts}
+    pool = [t for t in sentences(n_sentences * 4 + 50, seed) if t.strip().lower() not in norm]
+    if len(pool) < n_sentences:
+        raise ValueError("could not find enough sentences outside the training corpus")
+    texts = pool[:n_sentences]
+    out = Path(out_dir)
+    synth_corpus(out, len(texts), [source, *targets], progress=progress, texts=texts)
+    items = [{"text": t, "source": f"{source}/{source}_{i:05d}.wav",
+              "refs": {v: f"{v}/{v}_{i:05d}.wav" for v in targets}} for i, t in enumerate(texts)]
+    man = {"source": source, "targets": targets, "items": items}
+    (out / "testset.json").write_text(json.dumps(man, indent=1))
+    return man

@@ -1,0 +1,238 @@
+"""``rtvc eval``: how good a voice model is, against baselines, on a held-out parallel test set.
+
+Per (source, target voice) pair and overall:
+  * speaker similarity of the output to the target and to the source: resemblyzer embedding cosine (the target's
+    and the source's embeddings are averaged over all of their test utterances);
+  * mel-cepstral distortion against the parallel target utterance: WORLD spectral envelope -> SPTK mel-cepstrum
+    (order 24, all-pass constant for the rate), DTW-aligned, c0 excluded, in dB;
+  * log-F0 correlation of the output with the source contour (WORLD harvest, frames voiced in both);
+  * real-time factor of the conversion.
+Systems in the same run: the streaming student pipeline (what ships), the offline teacher pipeline (VQ-VAE offline +
+Parallel WaveGAN teacher, when a teacher checkpoint is given), and a DSP baseline (pitch shift of the source toward
+the target's median F0). Writes JSON, a markdown table and spectrogram PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+from tqdm import tqdm
+
+MCEP_ORDER = 24
+METRIC_RATE = 16000
+
+
+@dataclass(frozen=True)
+class TestItem:
+    source_wav: Path
+    text: str
+    refs: dict[str, Path]  # target voice -> parallel utterance
+
+
+def load_testset(root: str | Path) -> tuple[str, list[str], list[TestItem]]:
+    """``root/testset.json`` (written by ``rtvc data testset``): source voice, target voices, items."""
+    root = Path(root)
+    man = json.loads((root / "testset.json").read_text())
+    items = [TestItem(root / it["source"], it["text"], {v: root / p for v, p in it["refs"].items()})
+             for it in man["items"]]
+    return man["source"], man["targets"], items
+
+
+def _read(path: Path, rate: int) -> np.ndarray:
+    x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    x = x.mean(axis=1)
+    return soxr.resample(x, sr, rate).astype(np.float32) if sr != rate else x
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+class Metrics:
+    """Resemblyzer + WORLD/SPTK metric helpers (loaded lazily: heavy imports)."""
+
+    def __init__(self) -> None:
+        from resemblyzer import VoiceEncoder
+        self.encoder = VoiceEncoder("cpu", verbose=False)
+
+    def embed(self, x: np.ndarray, rate: int) -> np.ndarray:
+        from resemblyzer import preprocess_wav
+        return self.encoder.embed_utterance(preprocess_wav(x.astype(np.float64), source_sr=rate))
+
+    @staticmethod
+    def world(x: np.ndarray, rate: int) -> tuple[np.ndarray, np.ndarray]:
+        """(log-F0 with NaN where unvoiced [T], mel-cepstrum [T, order+1]) at a 5 ms frame period, analysed at
+        16 kHz: the speech band every corpus here has (TTS voices are 16 kHz; an empty band above 8 kHz would
+        otherwise dominate the cepstral distance with the log of near-zero power)."""
+        import pysptk
+        import pyworld as pw
+        xd = (soxr.resample(x, rate, METRIC_RATE) if rate != METRIC_RATE else x).astype(np.float64)
+        f0, t = pw.harvest(xd, METRIC_RATE, frame_period=5.0)
+        sp = np.maximum(pw.cheaptrick(xd, f0, t, METRIC_RATE), 1e-10)
+        mc = pysptk.sp2mc(sp, MCEP_ORDER, pysptk.util.mcepalpha(METRIC_RATE))
+        lf0 = np.where(f0 > 0, np.log(np.maximum(f0, 1e-3)), np.nan)
+        return lf0, mc
+
+    @staticmethod
+    def mcd(mc_a: np.ndarray, mc_b: np.ndarray) -> float:
+        """Mel-cepstral distortion (dB) after DTW alignment on c1..cN (c0 = energy excluded)."""
+        import librosa
+        a, b = mc_a[:, 1:], mc_b[:, 1:]
+        _, path = librosa.sequence.dtw(a.T, b.T, metric="euclidean")
+        diff = a[path[:, 0]] - b[path[:, 1]]
+        return float(np.mean(10.0 / math.log(10.0) * np.sqrt(2.0 * np.sum(diff * diff, axis=1))))
+
+    @staticmethod
+    def lf0_corr(lf0_a: np.ndarray, lf0_b: np.ndarray) -> float:
+        n = min(lf0_a.shape[0], lf0_b.shape[0])
+        a, b = lf0_a[:n], lf0_b[:n]
+        ok = ~np.isnan(a) & ~np.isnan(b)
+        return float(np.corrcoef(a[ok], b[ok])[0, 1]) if ok.sum() > 10 else float("nan")
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+
+# ------------------------------------------------------------------------------------------------ systems
+
+def dsp_baseline(x: np.ndarray, rate: int, src_lf0_median: float, tgt_lf0_median: float) -> np.ndarray:
+    """Pitch-shift the source toward the target's median F0 (librosa phase vocoder + resampling)."""
+    import librosa
+    steps = 12.0 * (tgt_lf0_median - src_lf0_median) / math.log(2.0)
+    return librosa.effects.pitch_shift(x, sr=rate, n_steps=float(steps)).astype(np.float32)
+
+
+def _spectrogram(path: Path, panels: dict[str, np.ndarray], rate: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import librosa
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 1.9 * len(panels)), squeeze=False)
+    for ax, (title, x) in zip(axes[:, 0], panels.items()):
+        s = librosa.amplitude_to_db(np.abs(librosa.stft(x, n_fft=1024, hop_length=240)), ref=np.max)
+        ax.imshow(s, origin="lower", aspect="auto", vmin=-80, vmax=0, extent=(0, x.shape[0] / rate, 0, rate / 2000))
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("kHz")
+    axes[-1, 0].set_xlabel("s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, teacher_path: str | Path | None = None,
+             max_items: int | None = None, progress: bool = True) -> dict:
+    from .voice import VoiceConverter, VoiceModel
+    model = VoiceModel.load(model_path)
+    rate = model.cfg.model.sample_rate
+    source, targets, items = load_testset(testset)
+    targets = [t for t in targets if t in model.speakers]
+    if not targets:
+        raise ValueError(f"none of the test set's target voices are in the model ({model.speakers})")
+    items = items[:max_items] if max_items else items
+    teacher = _load_teacher(teacher_path) if teacher_path else None
+    metrics = Metrics()
+    out = Path(out_dir)
+    (out / "spectrograms").mkdir(parents=True, exist_ok=True)
+
+    # reference embeddings and median log-F0 per speaker, over all of its test utterances
+    ref_emb, ref_lf0 = {}, {}
+    for spk in [source, *targets]:
+        wavs = [_read(it.source_wav if spk == source else it.refs[spk], rate) for it in items]
+        ref_emb[spk] = np.mean([metrics.embed(w, rate) for w in wavs], axis=0)
+        lf0 = np.concatenate([metrics.world(w, rate)[0] for w in wavs])
+        ref_lf0[spk] = float(np.nanmedian(lf0))
+
+    systems = ["student (streaming)", "dsp baseline"] + (["teacher (offline)"] if teacher else [])
+    rows: list[dict] = []
+    jobs = [(it, tgt) for it in items for tgt in targets]
+    for k, (it, tgt) in enumerate(tqdm(jobs, desc="eval", unit="pair", disable=not progress)):
+        x = _read(it.source_wav, rate)
+        ref = _read(it.refs[tgt], rate)
+        src_lf0, _ = metrics.world(x, rate)
+        _, ref_mc = metrics.world(ref, rate)
+        outs: dict[str, tuple[np.ndarray, float]] = {}
+        vc = VoiceConverter(model, tgt)
+        vc.convert(np.zeros(vc.hop, np.float32))  # first-call costs (JIT cache loads) are not conversion time
+        vc.reset()
+        t0 = time.perf_counter()
+        hop = vc.hop
+        xp = np.pad(x, (0, (-x.shape[0]) % hop))
+        y = np.concatenate([vc.convert(xp[i:i + hop]) for i in range(0, xp.shape[0], hop)])[: x.shape[0]]
+        outs["student (streaming)"] = (y, (time.perf_counter() - t0) / (x.shape[0] / rate))
+        t0 = time.perf_counter()
+        outs["dsp baseline"] = (dsp_baseline(x, rate, ref_lf0[source], ref_lf0[tgt]),
+                                (time.perf_counter() - t0) / (x.shape[0] / rate))
+        if teacher:
+            t0 = time.perf_counter()
+            outs["teacher (offline)"] = (_teacher_pipeline(model, teacher, x, tgt),
+                                         (time.perf_counter() - t0) / (x.shape[0] / rate))
+        for name, (y, rtf) in outs.items():
+            lf0, mc = metrics.world(y, rate)
+            emb = metrics.embed(y, rate)
+            rows.append({"system": name, "source": source, "target": tgt, "text": it.text,
+                         "sim_target": cosine(emb, ref_emb[tgt]), "sim_source": cosine(emb, ref_emb[source]),
+                         "mcd_db": metrics.mcd(mc, ref_mc), "lf0_corr": metrics.lf0_corr(lf0, src_lf0), "rtf": rtf})
+        if k < 2 * len(targets):  # a few pictures per target
+            _spectrogram(out / "spectrograms" / f"{k:03d}_{source}_to_{tgt}.png",
+                         {f"source ({source})": x, f"reference ({tgt})": ref,
+                          **{f"{n} -> {tgt}": o[0] for n, o in outs.items()}}, rate)
+    summary = _summarise(rows, systems, targets)
+    result = {"model": str(model_path), "testset": str(testset), "source": source, "targets": targets,
+              "items": len(items), "summary": summary, "rows": rows}
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    (out / "eval.md").write_text(markdown(result))
+    return result
+
+
+def _summarise(rows: list[dict], systems: list[str], targets: list[str]) -> dict:
+    keys = ("sim_target", "sim_source", "mcd_db", "lf0_corr", "rtf")
+    summary: dict = {}
+    for sysname in systems:
+        mine = [r for r in rows if r["system"] == sysname]
+        per = {t: {k: float(np.nanmean([r[k] for r in mine if r["target"] == t])) for k in keys} for t in targets}
+        summary[sysname] = {"overall": {k: float(np.nanmean([r[k] for r in mine])) for k in keys}, "per_target": per}
+    return summary
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# rtvc eval: `{result['model']}`", "",
+             f"Test set `{result['testset']}`: {result['items']} held-out sentences, source voice "
+             f"`{result['source']}` (never a target), targets {', '.join(result['targets'])}.", "",
+             "| system | pair | sim → target ↑ | sim → source ↓ | MCD dB ↓ | log-F0 corr ↑ | RTF |",
+             "|---|---|---|---|---|---|---|"]
+    for sysname, s in result["summary"].items():
+        for tgt, m in [*s["per_target"].items(), ("**overall**", s["overall"])]:
+            pair = tgt if tgt.startswith("**") else f"{result['source']} → {tgt}"
+            lines.append(f"| {sysname} | {pair} | {m['sim_target']:.3f} | {m['sim_source']:.3f} | {m['mcd_db']:.2f} "
+                         f"| {m['lf0_corr']:.3f} | {m['rtf']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _load_teacher(path: str | Path):
+    from .checkpoint import load_checkpoint
+    from .config import Config
+    from .vocoder import Teacher
+    ck = load_checkpoint(path, kind="teacher")
+    cfg = Config.from_dict(ck["config"])
+    t = Teacher(cfg.model.n_mels, cfg.teacher)
+    t.load_state_dict(ck["models"]["teacher"])
+    return t.eval()
+
+
+def _teacher_pipeline(model, teacher, x: np.ndarray, voice: str) -> np.ndarray:
+    """Offline: the same frontend / pitch mapping / VQ-VAE without state, vocoded by the non-causal teacher."""
+    import torch
+    from .voice import VoiceConverter
+    vc = VoiceConverter(model, voice, fused=False)
+    vc.model.stop_streaming()
+    n = x.shape[0]
+    mel = vc._run(torch.from_numpy(np.pad(x, (0, (-n) % vc.hop)))[None], mel_only=True)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        return teacher(mel)[0, 0].numpy()[:n]
