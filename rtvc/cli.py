@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, "model", None):
             overrides.append(f"paths.model={json.dumps(a.model)}")
         cfg = load_config(a.config, overrides)
+        default = resources.files("rtvc").joinpath("models/default.pt")
+        if not cfg.paths.model and default.is_file():  # the bundled default voices, when this build has them
+            cfg = cfg.replace(**{"paths.model": str(default)})
         return COMMANDS[a.command](cfg, a)
     except ConfigError as e:
         print(f"rtvc: config error: {e}", file=sys.stderr)
