@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .student_layer import layer_cpu
+
 
 @njit(cache=True)
 def _conv(x, past, w, b, k, d, extra):  # pragma: no cover - numba
@@ -63,15 +65,8 @@ def student_step(mel, cond, ups, first, layers, head, sub):  # pragma: no cover 
     x = _conv(c, fp, fw, fb, 1, 1, none[:, :0])
     skips = np.zeros_like(x)
     lws, lbs, lps, dils, ks, rws, rbs, sws = layers
-    ch = x.shape[0]
-    for i in range(len(lws)):
-        h = _conv(x, lps[i], lws[i], lbs[i], ks[i], dils[i], c)
-        g = h[:ch] * (1.0 / (1.0 + np.exp(-h[ch:])))  # GLU
-        g = g.astype(np.float32)
-        skips += np.dot(sws[i], g)
-        r = np.dot(rws[i], g)
-        for j in range(ch):
-            x[j, :] += r[j, :] + rbs[i][j]
+    for i in range(len(lws)):  # the same per-layer code as the rtvc::student_layer CPU op
+        x = layer_cpu(x, c, lps[i], lws[i], lbs[i], rws[i], rbs[i], sws[i], skips, ks[i], dils[i])
     w1, b1, p1, w2, b2, p2 = head
     y = _conv(_leaky(_conv(_leaky(skips), p1, w1, b1, 1, 1, none[:, :0])), p2, w2, b2, 1, 1, none[:, :0])
     out = np.empty(y.shape[1] * sub, np.float32)

@@ -67,3 +67,62 @@ def test_vq_nearest_gpu():
         # float32 sums may flip near-ties: require the chosen code to be as near as the reference's within 1e-4
         dist = lambda i: ((z.double() - cb.double()[i]) ** 2).sum(1)  # noqa: E731
         assert torch.all(dist(idx) <= dist(ref_idx) + 1e-4)
+
+
+# ------------------------------------------------------------------------------------------ student layer
+
+import kernels.student_layer  # noqa: E402,F401  (registers torch.ops.rtvc.student_layer)
+from kernels.student_layer import reference as layer_reference  # noqa: E402
+
+
+def _layer_inputs(B, C, A, T, K, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.3)  # noqa: E731
+    return (r(B, C, T), r(B, A, T), r(B, C, (K - 1) * d), r(2 * C, K * C + A), r(2 * C), r(C, C), r(C), r(C, C),
+            r(B, C, T))
+
+
+@pytest.mark.parametrize("B, C, A, T, K, d", [(1, 40, 32, 60, 3, 4), (3, 8, 5, 7, 3, 1), (2, 16, 8, 3, 2, 8),
+                                               (1, 4, 2, 1, 3, 2)])
+def test_student_layer_cpu_with_state_across_calls(B, C, A, T, K, d):
+    x, c, past, w, b, wr, br, ws, skips = _layer_inputs(B, C, A, T, K, d, seed=B * 100 + C + T)
+    p_op, s_op = past.clone(), skips.clone()
+    p_ref, s_ref = past.clone(), skips.clone()
+    for step in range(3):  # streaming: the history written by one call is read by the next
+        xs = x * (step + 1)
+        out = torch.ops.rtvc.student_layer(xs, c, p_op, w, b, wr, br, ws, s_op, d)
+        ref, p_ref, s_ref = layer_reference(xs, c, p_ref, w, b, wr, br, ws, s_ref, d)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p_op, p_ref, rtol=0, atol=0)
+        torch.testing.assert_close(s_op, s_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_student_layer_cuda_kernel_in_simulator():
+    _simulate("""
+        import numpy as np, torch
+        from kernels.student_layer import launch_cuda, reference
+        rng = np.random.default_rng(1)
+        for B, C, A, T, K, d in [(2, 4, 3, 5, 3, 1), (1, 3, 2, 2, 2, 3)]:
+            f = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)
+            x, c, past, w, b = f(B, C, T), f(B, A, T), f(B, C, (K - 1) * d), f(2 * C, K * C + A), f(2 * C)
+            wr, br, ws, skips = f(C, C), f(C), f(C, C), f(B, C, T)
+            t = lambda a: torch.from_numpy(a.copy())
+            for step in range(2):
+                ref, rp, rs = reference(*(t(a) for a in (x, c, past, w, b, wr, br, ws, skips)), d)
+                out = np.zeros_like(x)
+                launch_cuda(x, c, past, w, b, wr, br, ws, skips, out, d)
+                assert np.allclose(out, ref.numpy(), atol=1e-5), (B, C, step)
+                assert np.array_equal(past, rp.numpy()) and np.allclose(skips, rs.numpy(), atol=1e-5)
+                x = x * 1.5
+    """)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_student_layer_gpu():
+    for B, C, A, T, K, d in [(1, 40, 32, 60, 3, 4), (256, 40, 32, 60, 3, 8), (8, 64, 32, 240, 3, 1)]:
+        args = [a.cuda() for a in _layer_inputs(B, C, A, T, K, d, seed=7)]
+        ref, rp, rs = layer_reference(*args, d)
+        out = torch.ops.rtvc.student_layer(*args, d)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(args[2], rp, rtol=0, atol=0)
+        torch.testing.assert_close(args[8], rs, rtol=1e-4, atol=1e-4)
