@@ -100,15 +100,16 @@ class _StudentLayer(StreamingModule):
     def forward(self, x: torch.Tensor, c: torch.Tensor, skips: torch.Tensor) -> torch.Tensor:
         """x [B, ch, T], c [B, aux, T]; adds this layer's skip output into ``skips`` [B, ch, T] (in place when
         streaming); returns the new x."""
-        if self.conv.is_streaming and x.shape[0] == 1:
+        if self.conv.is_streaming and x.shape[0] == 1 and not x.is_cuda:
             g = F.glu(gemm(self._w, self._b, self.conv.taps(x, extra=c)), dim=1)[0]
             skips[0].addmm_(self._ws, g)
             x[0].addmm_(self._wr, g).add_(self._br)
             return x
-        if self.conv.is_streaming:
-            g = F.glu(gemm(self._w, self._b, self.conv.taps(x, extra=c)), dim=1)
-        else:
-            g = F.glu(self.conv(x) + self.aux(c), dim=1)
+        if self.conv.is_streaming:  # many streams / GPU: the fused custom op (one launch, state in place)
+            import kernels.student_layer  # noqa: F401  (registers torch.ops.rtvc.student_layer)
+            return torch.ops.rtvc.student_layer(x, c, self.conv._state.past, self._w, self._b[:, 0], self._wr,
+                                                self._br[:, 0], self._ws, skips, self.conv.d)
+        g = F.glu(self.conv(x) + self.aux(c), dim=1)
         skips += self.skip(g)
         return x + self.res(g)
 

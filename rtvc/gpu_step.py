@@ -1,0 +1,156 @@
+"""GraphStep: the whole streaming step (frontend -> pitch -> encoder -> VQ -> decoder -> student) for a fixed
+batch of session slots, as fixed-shape tensor work with no host synchronisation, so it can be captured once as a
+CUDA graph and replayed every hop.
+
+Static buffers: ``inp`` [S, hop] (the hop of each slot), ``active`` [S] (1 where a slot has a hop this step),
+``speaker`` [S], ``transpose`` [S]; ``out`` [S, hop]. Every layer's streaming state is updated in place; slots
+that are inactive this step get their previous state back (``torch.where`` on each state tensor), so sessions
+that idle, join (``reset_slot``) or leave never disturb the others and nothing is re-captured.
+Pitch runs on the device too: YIN's difference function, cumulative-mean normalisation and dip search in float64
+(the CPU numba tracker's arithmetic, vectorised), and the per-slot running pitch statistics as state tensors.
+On CPU the same code runs eagerly (tests compare it with the per-stream converter).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .frontend import LF0_MEAN, LF0_STD
+from .voice import VoiceModel
+
+
+def yin_torch(frames: torch.Tensor, sr: int, fmin: float, fmax: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """frames [N, win] -> (f0 Hz [N] float64, voiced [N] bool); same decisions as :func:`rtvc.frontend.yin`."""
+    dec = max(1, sr // 12000)
+    x = frames.double()
+    m = x.shape[1] // dec
+    x = x[:, : m * dec].reshape(x.shape[0], m, dec).mean(2)
+    rate = sr / dec
+    tau_min, tau_max = max(2, int(rate / fmax)), min(m // 2, int(math.ceil(rate / fmin)))
+    wi = m - tau_max
+    win = x.unfold(1, wi, 1)[:, : tau_max + 1]               # [N, tau_max+1, wi]: x[j + tau], j < wi
+    diff = win[:, :1] - win                                   # x_j - x_{j+tau}
+    d = (diff * diff).sum(-1)                                 # [N, tau_max+1]
+    run = torch.cumsum(d[:, 1:], dim=1)
+    taus = torch.arange(1, tau_max + 1, device=x.device, dtype=x.dtype)
+    cmnd = torch.where(run > 0, d[:, 1:] * taus / torch.where(run > 0, run, 1.0), torch.ones_like(run))
+    cmnd = torch.cat([torch.ones_like(cmnd[:, :1]), cmnd], dim=1)  # index = tau
+    idx = torch.arange(tau_max + 1, device=x.device)
+    below = (cmnd < threshold) & (idx >= tau_min) & (idx < tau_max)
+    found = below.any(1)
+    first = torch.argmax(below.int(), dim=1)
+    # descend to the local minimum after the first dip: first tau >= first whose successor is not smaller
+    nxt = torch.cat([cmnd[:, 1:], torch.full_like(cmnd[:, :1], math.inf)], dim=1)
+    stop = ((nxt >= cmnd) | (idx + 1 >= tau_max)) & (idx >= first[:, None])
+    best = torch.argmax(stop.int(), dim=1).clamp(min=1, max=tau_max - 1)
+    a, b, c = (cmnd.gather(1, (best + o)[:, None])[:, 0] for o in (-1, 0, 1))
+    den = a - 2 * b + c
+    shift = torch.where(den > 0, 0.5 * (a - c) / torch.where(den > 0, den, 1.0), torch.zeros_like(den))
+    energy = (x * x).mean(1)
+    voiced = found & (energy >= 1e-7)
+    return torch.where(voiced, rate / (best + shift), torch.zeros_like(shift)), voiced
+
+
+class GraphStep:
+    """Fixed-batch streaming step over ``slots`` sessions of one voice model (see module docstring)."""
+
+    def __init__(self, model: VoiceModel, slots: int, device: str | torch.device, use_graph: bool | None = None,
+                 tau_frames: float = 300.0) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        cfg = model.cfg.model
+        self.cfg, self.slots, self.hop = cfg, slots, cfg.hop_length
+        self.model.start_streaming(slots)
+        dev, f64 = self.device, torch.float64
+        self.inp = torch.zeros(slots, self.hop, device=dev)
+        self.out = torch.zeros(slots, self.hop, device=dev)
+        self.active = torch.zeros(slots, dtype=torch.bool, device=dev)
+        self.speaker = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.transpose = torch.zeros(slots, dtype=f64, device=dev)
+        spk = model.speakers
+        self.target_mean = torch.tensor([model.pitch.get(s, model.prior).mean for s in spk], dtype=f64, device=dev)
+        self.target_std = torch.tensor([model.pitch.get(s, model.prior).std for s in spk], dtype=f64, device=dev)
+        # per-slot pitch state: running source statistics and the held log-F0 feature
+        self.p_mean = torch.full((slots,), model.prior.mean, dtype=f64, device=dev)
+        self.p_var = torch.full((slots,), model.prior.std ** 2, dtype=f64, device=dev)
+        self.p_seen = torch.zeros(slots, dtype=f64, device=dev)
+        self.held = torch.zeros(slots, dtype=torch.float32, device=dev)
+        self.alpha = 1.0 / tau_frames
+        self.states = [t for m in self.model._streaming_children() if m._state is not None
+                       for t in vars(m._state).values() if isinstance(t, torch.Tensor)] + \
+            [self.p_mean, self.p_var, self.p_seen, self.held]
+        self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def reset_slot(self, slot: int, prior_mean: float | None = None, prior_std: float | None = None) -> None:
+        """A new session in ``slot``: zero its layer states and restart its pitch statistics."""
+        self.model.reset_streaming([slot])
+        self.p_mean[slot] = self.model.prior.mean if prior_mean is None else prior_mean
+        self.p_var[slot] = self.model.prior.std ** 2 if prior_std is None else prior_std ** 2
+        self.p_seen[slot] = 0.0
+        self.held[slot] = 0.0
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        m, cfg = self.model, self.cfg
+        saved = [t.clone() for t in self.states]
+        mel, frames = m.frontend(self.inp)                                   # [S, n_mels, 1], [S, 1, win]
+        f0, voiced = yin_torch(frames[:, 0], cfg.sample_rate, cfg.f0_min, cfg.f0_max, cfg.yin_threshold)
+        # running source statistics -> target range (+ transpose), as in rtvc.frontend.PitchMapper
+        lf = torch.log(torch.where(voiced, f0, torch.ones_like(f0)))
+        seen = self.p_seen + voiced.double()
+        a = torch.maximum(torch.full_like(seen, self.alpha), 1.0 / (seen + 20.0))
+        delta = lf - self.p_mean
+        mean = self.p_mean + a * delta
+        var = (1 - a) * (self.p_var + a * delta * delta)
+        z = (lf - mean) / torch.sqrt(var.clamp(min=1e-4))
+        lf_t = self.target_mean[self.speaker] + z * self.target_std[self.speaker] + self.transpose * math.log(2.0) / 12.0
+        self.p_mean.copy_(torch.where(voiced, mean, self.p_mean))
+        self.p_var.copy_(torch.where(voiced, var, self.p_var))
+        self.p_seen.copy_(seen)
+        held = torch.where(voiced, ((lf_t - LF0_MEAN) / LF0_STD).float(), self.held)
+        self.held.copy_(held)
+        pitch = torch.stack([held, voiced.float()], dim=1)[:, :, None]        # [S, 2, 1]
+        v = m.vqvae
+        zc = v.encoder(mel)
+        q = v.vq.codebook[v.vq.nearest(zc[:, :, 0])][:, :, None]
+        mel_hat = v.decoder(q, v.speakers(self.speaker), pitch)
+        y = m.student(mel_hat)[:, 0]
+        act = self.active
+        for t, old in zip(self.states, saved):  # idle slots keep their state
+            t.copy_(torch.where(act.view(-1, *([1] * (t.dim() - 1))), t, old))
+        self.out.copy_(torch.where(act[:, None], y, torch.zeros_like(y)))
+
+    def step(self, hops: torch.Tensor | None = None, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one hop for every active slot (inputs copied into the static buffers if given); returns ``out``."""
+        if hops is not None:
+            self.inp.copy_(hops)
+        if active is not None:
+            self.active.copy_(active)
+        if not self.use_graph:
+            self._step()
+            return self.out
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.out
+
+    def _capture(self) -> None:
+        # warm up on a side stream (allocator, cuBLAS handles), restore the state, then capture once
+        snapshot = [t.clone() for t in self.states]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream().wait_stream(s)
+        for t, old in zip(self.states, snapshot):
+            t.copy_(old)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        for t, old in zip(self.states, snapshot):  # capturing ran nothing, but be explicit about the state
+            t.copy_(old)

@@ -1,0 +1,66 @@
+"""GraphStep (the fixed-batch, capture-ready streaming step): device YIN == the CPU tracker, and the batched
+step with idle slots == each stream converted alone (CPU eagerly here; on a GPU with CUDA-graph replay)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rtvc.config import load_config
+from rtvc.frontend import Frontend, yin
+from rtvc.gpu_step import GraphStep, yin_torch
+from rtvc.voice import VoiceConverter, make_voice_model
+
+from test_streaming import _speech_like
+
+CFG = load_config()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_yin_torch_matches_numba(seed):
+    x = torch.from_numpy(_speech_like(1.0, 24000, seed))
+    x = x[: x.shape[0] // 240 * 240]
+    x = x + 0.002 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    frames = Frontend(CFG.model).frames(x[None])[0]
+    f0, voiced = yin(frames.numpy(), CFG.model)
+    f0_t, voiced_t = yin_torch(frames, 24000, CFG.model.f0_min, CFG.model.f0_max, CFG.model.yin_threshold)
+    assert np.array_equal(voiced, voiced_t.numpy()) and voiced.sum() > 20
+    np.testing.assert_allclose(f0_t.numpy(), f0, rtol=1e-5, atol=1e-3)
+
+
+def _run(device: str, use_graph: bool) -> None:
+    names = ["a", "b", "c"]
+    step = GraphStep(make_voice_model(CFG, names, seed=5), slots=4, device=device, use_graph=use_graph)
+    hop = step.hop
+    plans = {0: ("a", 0.0), 2: ("c", 3.0), 3: ("b", -2.0)}  # slot 1 stays free
+    xs = {s: _speech_like(0.5, 24000, 20 + s) for s in plans}
+    for s, (v, tr) in plans.items():
+        step.reset_slot(s)
+        step.speaker[s] = names.index(v)
+        step.transpose[s] = tr
+    got = {s: [] for s in plans}
+    for k in range(xs[0].shape[0] // hop):
+        active = torch.tensor([s in plans and (k + s) % 4 != 1 for s in range(4)], device=device)
+        hops = torch.zeros(4, hop, device=device)
+        for s in plans:
+            hops[s] = torch.from_numpy(xs[s][k * hop:(k + 1) * hop])
+        out = step.step(hops, active).cpu().numpy()
+        for s in plans:
+            if active[s]:
+                got[s].append((k, out[s].copy()))
+        assert not out[1].any()
+    for s, (v, tr) in plans.items():
+        single = VoiceConverter(make_voice_model(CFG, names, seed=5), v, tr)
+        ref = np.concatenate([single.convert(xs[s][k * hop:(k + 1) * hop]) for k, _ in got[s]])
+        mine = np.concatenate([y for _, y in got[s]])
+        assert np.abs(mine - ref).max() <= 1e-4, (s, np.abs(mine - ref).max())
+
+
+def test_graph_step_matches_single_streams_cpu():
+    _run("cpu", use_graph=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_step_cuda_graph_matches_cpu_reference():
+    _run("cuda", use_graph=True)
