@@ -184,9 +184,12 @@ class ServerConfig:
     max_frame_samples: int
     token: str
     allowed_origins: tuple[str, ...]
+    device: str
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"server.port={self.port} must be in 0..65535")
+        _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+               f'server.device="{self.device}": use "auto", "cpu", "cuda" or "cuda:N"')
         _check(self.max_sessions >= 1, "server.max_sessions must be >= 1")
         _check(self.max_frame_samples >= 1, "server.max_frame_samples must be >= 1")
 

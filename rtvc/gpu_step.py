@@ -154,3 +154,72 @@ class GraphStep:
             self._step()
         for t, old in zip(self.states, snapshot):  # capturing ran nothing, but be explicit about the state
             t.copy_(old)
+
+
+class GraphRunner:
+    """The server's runner interface (see :class:`rtvc.batch.BatchedVoice`) on a :class:`GraphStep`: sessions take
+    and release slots; a step fills the static buffers for the slots with a hop ready and replays the graph."""
+
+    name = "voice model (batched, graph-captured)"
+
+    def __init__(self, model: VoiceModel, slots: int, device: str | torch.device) -> None:
+        import threading
+        self.step_ = GraphStep(model, slots, device)
+        self.model, self.capacity = model, slots
+        self.hop, self.sample_rate, self.latency = model.cfg.model.hop_length, model.cfg.model.sample_rate, 0
+        self.voices = list(model.speakers)
+        self._free = list(range(slots - 1, -1, -1))
+        self._reset: set[int] = set()
+        self._lock = threading.Lock()
+        self._voice = [0] * slots
+        self._transpose = [0.0] * slots
+        self._dirty = True
+        self._active = torch.zeros(slots, dtype=torch.bool)
+
+    def acquire(self, voice: str, transpose: float = 0.0) -> int:
+        from .batch import NoFreeSlot
+        with self._lock:
+            if not self._free:
+                raise NoFreeSlot(f"all {self.capacity} stream slots are in use")
+            slot = self._free.pop()
+            self._reset.add(slot)  # applied by the worker, between steps
+        self.set(slot, voice, transpose)
+        return slot
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def set(self, slot: int, voice: str | None = None, transpose: float | None = None) -> None:
+        if voice is not None:
+            self._voice[slot] = self.model.speaker_id(voice)
+        if transpose is not None:
+            self._transpose[slot] = float(transpose)
+        self._dirty = True
+
+    def voice_of(self, slot: int) -> str:
+        return self.model.speakers[self._voice[slot]]
+
+    def warmup(self) -> None:
+        self.step([0], torch.zeros(1, self.hop).numpy())
+        with self._lock:
+            self._reset.add(0)
+
+    def step(self, slots: list[int], hops) -> "np.ndarray":
+        import numpy as np
+        st = self.step_
+        with self._lock:
+            fresh, self._reset = sorted(self._reset), set()
+        for s in fresh:
+            st.reset_slot(s)
+        if self._dirty:  # voice / transpose changes: small host->device copies, outside the graph
+            self._dirty = False
+            st.speaker.copy_(torch.tensor(self._voice))
+            st.transpose.copy_(torch.tensor(self._transpose, dtype=torch.float64))
+        idx = torch.as_tensor(slots, dtype=torch.long)
+        self._active.zero_()
+        self._active[idx] = True
+        inp = torch.zeros(self.capacity, self.hop)
+        inp[idx] = torch.from_numpy(np.asarray(hops, dtype=np.float32))
+        out = st.step(inp.to(st.device, non_blocking=True), self._active.to(st.device, non_blocking=True))
+        return out[idx.to(st.device)].float().cpu().numpy()

@@ -355,11 +355,20 @@ class Server:
             self._loop.call_soon_threadsafe(lambda: self.stop_future.done() or self.stop_future.set_result(None))
 
 
-def make_runner(cfg: Config) -> BatchedVoice | PassthroughBatch:
+def make_runner(cfg: Config):
+    """Passthrough without a model; on a GPU the graph-captured batched step; on CPU per-slot fused kernels."""
     if not cfg.paths.model:
         return PassthroughBatch(cfg, cfg.server.max_sessions)
+    import torch
     from .voice import VoiceModel
-    return BatchedVoice(VoiceModel.load(cfg.paths.model), cfg.server.max_sessions)
+    device = cfg.server.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = VoiceModel.load(cfg.paths.model)
+    if device.startswith("cuda"):
+        from .gpu_step import GraphRunner
+        return GraphRunner(model, cfg.server.max_sessions, device)
+    return BatchedVoice(model, cfg.server.max_sessions, device)
 
 
 def serve_forever(cfg: Config) -> None:

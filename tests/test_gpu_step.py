@@ -64,3 +64,22 @@ def test_graph_step_matches_single_streams_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graph_step_cuda_graph_matches_cpu_reference():
     _run("cuda", use_graph=True)
+
+
+def test_graph_runner_serves_like_batched_voice():
+    """The server's GPU runner, exercised on CPU: slots, deferred resets, voice changes."""
+    from rtvc.batch import BatchedVoice
+    from rtvc.gpu_step import GraphRunner
+    names = ["a", "b"]
+    gr = GraphRunner(make_voice_model(CFG, names, seed=8), 3, "cpu")
+    bv = BatchedVoice(make_voice_model(CFG, names, seed=8), 3)
+    x = _speech_like(0.3, 24000, 4)
+    hop = gr.hop
+    sg, sb = gr.acquire("b", 1.0), bv.acquire("b", 1.0)
+    for k in range(x.shape[0] // hop):
+        if k == 10:
+            gr.set(sg, "a")
+            bv.set(sb, "a")
+        h = x[None, k * hop:(k + 1) * hop]
+        np.testing.assert_allclose(gr.step([sg], h), bv.step([sb], h), atol=1e-4)
+    assert gr.voice_of(sg) == "a"

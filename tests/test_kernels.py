@@ -126,3 +126,15 @@ def test_student_layer_gpu():
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(args[2], rp, rtol=0, atol=0)
         torch.testing.assert_close(args[8], rs, rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_benchmark_script_runs_quick_on_cpu(tmp_path):
+    """bench/gpu.py is a script for the device machine; its code path is exercised here on CPU (small sizes)."""
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, "bench/gpu.py", "--device", "cpu", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+    res = json.loads(out.read_text())
+    assert {o["op"] for o in res["ops"]} == {"vq_nearest", "student_layer"} and res["step"] and res["vocoders"]
