@@ -36,19 +36,22 @@ def reference(x, c, past, w, b, wr, br, ws, skips, dilation):
 
 
 @njit(cache=True)
-def layer_cpu(x, c, past, w, b, wr, br, ws, skips, k, d):  # pragma: no cover - numba
-    """One stream: x [C, T], c [A, T], past [C, P] (updated), skips [C, T] (updated) -> new x [C, T]."""
-    ch, t_len = x.shape
+def causal_conv_cpu(x, past, w, b, k, d, extra):  # pragma: no cover - numba
+    """Causal conv over T frames of one stream: x [C, T] -> W @ [dilated taps of (past ++ x); extra] + b,
+    [C_out, T]; shifts x into ``past`` [C, (K-1)*d]. ``extra`` [E, T] rows may be empty."""
+    c, t_len = x.shape
     p = past.shape[1]
-    cols = np.empty((k * ch + c.shape[0], t_len), np.float32)
+    e = extra.shape[0]
+    cols = np.empty((k * c + e, t_len), np.float32)
     for tap in range(k):
         for t in range(t_len):
             j = tap * d + t
             if j < p:
-                cols[tap * ch:(tap + 1) * ch, t] = past[:, j]
+                cols[tap * c:(tap + 1) * c, t] = past[:, j]
             else:
-                cols[tap * ch:(tap + 1) * ch, t] = x[:, j - p]
-    cols[k * ch:, :] = c
+                cols[tap * c:(tap + 1) * c, t] = x[:, j - p]
+    if e:
+        cols[k * c:, :] = extra
     if p:
         if t_len >= p:
             past[:, :] = x[:, t_len - p:]
@@ -56,13 +59,21 @@ def layer_cpu(x, c, past, w, b, wr, br, ws, skips, k, d):  # pragma: no cover - 
             for i in range(p - t_len):
                 past[:, i] = past[:, i + t_len]
             past[:, p - t_len:] = x
-    h = np.dot(w, cols)
+    y = np.dot(w, cols)
+    for i in range(y.shape[0]):
+        y[i, :] += b[i]
+    return y
+
+
+@njit(cache=True)
+def layer_cpu(x, c, past, w, b, wr, br, ws, skips, k, d):  # pragma: no cover - numba
+    """One stream: x [C, T], c [A, T], past [C, P] (updated), skips [C, T] (updated) -> new x [C, T]."""
+    ch, t_len = x.shape
+    h = causal_conv_cpu(x, past, w, b, k, d, c)
     g = np.empty((ch, t_len), np.float32)
     for i in range(ch):
         for t in range(t_len):
-            a = h[i, t] + b[i]
-            z = h[i + ch, t] + b[i + ch]
-            g[i, t] = a / (1.0 + math.exp(-z))
+            g[i, t] = h[i, t] / (1.0 + math.exp(-h[i + ch, t]))
     skips += np.dot(ws, g)
     out = x + np.dot(wr, g)
     for i in range(ch):

@@ -10,36 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .student_layer import causal_conv_cpu as _conv
 from .student_layer import layer_cpu
-
-
-@njit(cache=True)
-def _conv(x, past, w, b, k, d, extra):  # pragma: no cover - numba
-    """Causal conv over T frames: x [C, T] -> W @ [taps of (past ++ x); extra] + b, [C_out, T]; updates past."""
-    c, t_len = x.shape
-    p = past.shape[1]
-    e = extra.shape[0]
-    cols = np.empty((k * c + e, t_len), np.float32)
-    for tap in range(k):
-        for t in range(t_len):
-            j = tap * d + t
-            if j < p:
-                cols[tap * c:(tap + 1) * c, t] = past[:, j]
-            else:
-                cols[tap * c:(tap + 1) * c, t] = x[:, j - p]
-    if e:
-        cols[k * c:, :] = extra
-    if p:
-        if t_len >= p:
-            past[:, :] = x[:, t_len - p:]
-        else:
-            for i in range(p - t_len):
-                past[:, i] = past[:, i + t_len]
-            past[:, p - t_len:] = x
-    y = np.dot(w, cols)
-    for i in range(y.shape[0]):
-        y[i, :] += b[i]
-    return y
 
 
 @njit(cache=True)

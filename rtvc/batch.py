@@ -22,6 +22,35 @@ class NoFreeSlot(RuntimeError):
     pass
 
 
+class SlotPool:
+    """Batch slots that sessions take and give back. ``take`` (event loop) only marks the slot for a state reset;
+    the worker applies :meth:`fresh` between steps, because during a step only it may touch slot states."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._free = list(range(capacity - 1, -1, -1))
+        self._reset: set[int] = set()
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            if not self._free:
+                raise NoFreeSlot(f"all {self.capacity} stream slots are in use")
+            slot = self._free.pop()
+            self._reset.add(slot)
+            return slot
+
+    def give(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def fresh(self) -> list[int]:
+        """Slots taken since the last call (to be reset by the caller, on the worker thread)."""
+        with self._lock:
+            out, self._reset = sorted(self._reset), set()
+        return out
+
+
 class BatchedVoice:
     def __init__(self, model: VoiceModel, slots: int, device: str | torch.device = "cpu") -> None:
         self.model = model.to(device).eval()
@@ -30,8 +59,7 @@ class BatchedVoice:
         self.hop, self.sample_rate, self.latency = self.cfg.model.hop_length, self.cfg.model.sample_rate, 0
         self.capacity, self.name = slots, "voice model (batched)"
         self.model.start_streaming(slots)
-        self._free = list(range(slots - 1, -1, -1))
-        self._lock = threading.Lock()  # acquire/release come from the event loop, step from the worker
+        self.pool = SlotPool(slots)
         mapper = PitchMapper(model.prior)
         self._mapper = [copy.deepcopy(mapper) for _ in range(slots)]
         self._held = np.zeros(slots)
@@ -41,7 +69,6 @@ class BatchedVoice:
         # at these sizes is op dispatch (the GPU issue batches with custom kernels instead)
         self.fused = self.device.type == "cpu"
         self._args: list[tuple | None] = [None] * slots
-        self._reset: set[int] = set()
 
     def warmup(self) -> None:
         """Run a few hops on a scratch slot so no session pays first-call costs (JIT cache loads, allocations)."""
@@ -57,19 +84,12 @@ class BatchedVoice:
         return list(self.model.speakers)
 
     def acquire(self, voice: str, transpose: float = 0.0) -> int:
-        with self._lock:
-            if not self._free:
-                raise NoFreeSlot(f"all {self.capacity} stream slots are in use")
-            slot = self._free.pop()
-            # the state is zeroed by the worker at its next step: the worker may be inside a step right now,
-            # with the slot states gathered, so only it may touch them
-            self._reset.add(slot)
+        slot = self.pool.take()  # its state is zeroed by the worker before the next step
         self.set(slot, voice, transpose)
         return slot
 
     def release(self, slot: int) -> None:
-        with self._lock:
-            self._free.append(slot)
+        self.pool.give(slot)
 
     def set(self, slot: int, voice: str | None = None, transpose: float | None = None) -> None:
         """Voice changes take effect at the next hop (the decoder's causal context smooths the change)."""
@@ -86,8 +106,7 @@ class BatchedVoice:
     def step(self, slots: list[int], hops: np.ndarray) -> np.ndarray:
         """One hop for each of ``slots``: hops [n, hop] float32 (model rate) -> [n, hop]."""
         m = self.model
-        with self._lock:
-            fresh, self._reset = sorted(self._reset), set()
+        fresh = self.pool.fresh()
         if fresh:
             m.reset_streaming(fresh)
             for s in fresh:

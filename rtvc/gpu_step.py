@@ -163,32 +163,24 @@ class GraphRunner:
     name = "voice model (batched, graph-captured)"
 
     def __init__(self, model: VoiceModel, slots: int, device: str | torch.device) -> None:
-        import threading
+        from .batch import SlotPool
         self.step_ = GraphStep(model, slots, device)
         self.model, self.capacity = model, slots
         self.hop, self.sample_rate, self.latency = model.cfg.model.hop_length, model.cfg.model.sample_rate, 0
         self.voices = list(model.speakers)
-        self._free = list(range(slots - 1, -1, -1))
-        self._reset: set[int] = set()
-        self._lock = threading.Lock()
+        self.pool = SlotPool(slots)
         self._voice = [0] * slots
         self._transpose = [0.0] * slots
         self._dirty = True
         self._active = torch.zeros(slots, dtype=torch.bool)
 
     def acquire(self, voice: str, transpose: float = 0.0) -> int:
-        from .batch import NoFreeSlot
-        with self._lock:
-            if not self._free:
-                raise NoFreeSlot(f"all {self.capacity} stream slots are in use")
-            slot = self._free.pop()
-            self._reset.add(slot)  # applied by the worker, between steps
+        slot = self.pool.take()  # reset by the worker, between steps
         self.set(slot, voice, transpose)
         return slot
 
     def release(self, slot: int) -> None:
-        with self._lock:
-            self._free.append(slot)
+        self.pool.give(slot)
 
     def set(self, slot: int, voice: str | None = None, transpose: float | None = None) -> None:
         if voice is not None:
@@ -201,16 +193,16 @@ class GraphRunner:
         return self.model.speakers[self._voice[slot]]
 
     def warmup(self) -> None:
-        self.step([0], torch.zeros(1, self.hop).numpy())
-        with self._lock:
-            self._reset.add(0)
+        slot = self.acquire(self.voices[0])
+        try:
+            self.step([slot], torch.zeros(1, self.hop).numpy())
+        finally:
+            self.release(slot)
 
     def step(self, slots: list[int], hops) -> "np.ndarray":
         import numpy as np
         st = self.step_
-        with self._lock:
-            fresh, self._reset = sorted(self._reset), set()
-        for s in fresh:
+        for s in self.pool.fresh():
             st.reset_slot(s)
         if self._dirty:  # voice / transpose changes: small host->device copies, outside the graph
             self._dirty = False

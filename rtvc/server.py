@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import protocol as P
-from .batch import BatchedVoice, NoFreeSlot
+from .batch import BatchedVoice, NoFreeSlot, SlotPool
 from .config import Config
 from .engine import StreamEngine
 
@@ -43,18 +43,13 @@ class PassthroughBatch:
 
     def __init__(self, cfg: Config, slots: int) -> None:
         self.hop, self.sample_rate, self.latency, self.capacity = cfg.model.hop_length, cfg.model.sample_rate, 0, slots
-        self._free = list(range(slots - 1, -1, -1))
-        self._lock = threading.Lock()
+        self.pool = SlotPool(slots)
 
     def acquire(self, voice: str, transpose: float = 0.0) -> int:
-        with self._lock:
-            if not self._free:
-                raise NoFreeSlot(f"all {self.capacity} stream slots are in use")
-            return self._free.pop()
+        return self.pool.take()
 
     def release(self, slot: int) -> None:
-        with self._lock:
-            self._free.append(slot)
+        self.pool.give(slot)
 
     def set(self, slot: int, voice: str | None = None, transpose: float | None = None) -> None:
         pass
