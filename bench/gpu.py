@@ -86,7 +86,7 @@ def bench_step(device: torch.device, reps: int, quick: bool) -> tuple[list[dict]
             print(f"step batch {b:5d} graph {g!s:5}: p50 {s['p50_ms']:.3f} ms  p99 {s['p99_ms']:.3f} ms", flush=True)
             if s["p99_ms"] <= 5.0 and (g or device.type != "cuda"):
                 capacity = max(capacity, b)
-            del step
+            step = None  # free its buffers and graph before the next size
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows, capacity

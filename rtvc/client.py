@@ -106,7 +106,7 @@ async def stream_array(url: str, x: np.ndarray, rate: int, block: int, *, realti
 
         task = asyncio.create_task(reader())
         t0 = c.t0 = time.monotonic()  # the input timeline starts with the first send
-        for i, pos in enumerate(range(0, x.shape[0], block)):
+        for pos in range(0, x.shape[0], block):
             await c.send(x[pos: pos + block])
             if realtime:  # hold the pace of a live source
                 await asyncio.sleep(max(0.0, t0 + (pos + block) / rate - time.monotonic()))

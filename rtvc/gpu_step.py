@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .frontend import LF0_MEAN, LF0_STD
 from .voice import VoiceModel
@@ -199,8 +199,7 @@ class GraphRunner:
         finally:
             self.release(slot)
 
-    def step(self, slots: list[int], hops) -> "np.ndarray":
-        import numpy as np
+    def step(self, slots: list[int], hops: np.ndarray) -> np.ndarray:
         st = self.step_
         for s in self.pool.fresh():
             st.reset_slot(s)

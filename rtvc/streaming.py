@@ -166,14 +166,6 @@ def gemm(w: torch.Tensor, b: torch.Tensor | None, cols: torch.Tensor) -> torch.T
     return y + b if b is not None else y
 
 
-def gemm(w: torch.Tensor, b: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
-    """w [O, I] @ cols [B, I, T] (+ b [O, 1]) -> [B, O, T]; batch 1 (the live case) is one plain ``addmm``."""
-    if cols.shape[0] == 1:
-        return (torch.addmm(b, w, cols[0]) if b is not None else w @ cols[0])[None]
-    y = torch.matmul(w, cols)
-    return y + b if b is not None else y
-
-
 def receptive_field(convs: list[CausalConv1d]) -> int:
     """Receptive field of a chain of causal convs, in input frames."""
     return 1 + sum(c.pad for c in convs)

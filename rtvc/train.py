@@ -8,7 +8,6 @@ decoder mels against the real audio, so it matches what it gets at conversion ti
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path

@@ -9,9 +9,7 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 from websockets.asyncio.client import connect
