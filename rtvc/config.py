@@ -205,6 +205,7 @@ class TrainConfig:
     teacher_steps: int
     student_steps: int
     student_finetune_steps: int
+    student_target: str
     adversarial_start: int
     adversarial_weight: float
     stft_fft_sizes: tuple[int, ...]
@@ -219,6 +220,7 @@ class TrainConfig:
                     "student_steps", "validate_every", "checkpoint_every"):
             _check(getattr(self, key) >= 1, f"train.{key} must be >= 1")
         _check(self.learning_rate > 0, "train.learning_rate must be > 0")
+        _check(self.student_target in ("teacher", "audio"), 'train.student_target must be "teacher" or "audio"')
         _check(self.num_workers >= 0 and self.adversarial_start >= 0 and self.student_finetune_steps >= 0,
                "train.num_workers, adversarial_start and student_finetune_steps must be >= 0")
         n = len(self.stft_fft_sizes)
@@ -261,6 +263,12 @@ class Config:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Config":
         return _build(cls, data, "")
+
+    @classmethod
+    def from_saved(cls, data: Mapping[str, Any]) -> "Config":
+        """A config stored in a checkpoint: keys added to rtvc after it was written take today's defaults (so old
+        checkpoints keep loading); unknown keys and bad values are still errors."""
+        return cls.from_dict(_merge(default_dict(), data))
 
     def replace(self, **overrides: Any) -> "Config":
         """New config with ``section.key`` overrides given as ``replace(**{"engine.safety_ms": 3.0})``."""

@@ -219,7 +219,7 @@ def _load_teacher(path: str | Path):
     from .config import Config
     from .vocoder import Teacher
     ck = load_checkpoint(path, kind="teacher")
-    cfg = Config.from_dict(ck["config"])
+    cfg = Config.from_saved(ck["config"])
     t = Teacher(cfg.model.n_mels, cfg.teacher)
     t.load_state_dict(ck["models"]["teacher"])
     return t.eval()

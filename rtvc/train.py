@@ -108,7 +108,7 @@ class StageRunner:
         if not self.path.is_file():
             return
         ck = load_checkpoint(self.path, kind=self.stage)
-        if Config.from_dict(ck["config"]).model != self.cfg.model:
+        if Config.from_saved(ck["config"]).model != self.cfg.model:
             raise CheckpointError(f"{self.path} was trained with another [model] config; use --restart")
         for k, m in self.models.items():
             if k in ck["models"]:
@@ -248,7 +248,7 @@ def _load_stage(stage: str, ckpt_dir: Path, build: Callable[[Config], nn.Module]
     if not path.is_file():
         raise CheckpointError(f"{path} not found: run `rtvc train {stage}` first")
     ck = load_checkpoint(path, kind=stage)
-    m = build(Config.from_dict(ck["config"]))
+    m = build(Config.from_saved(ck["config"]))
     m.load_state_dict(ck["models"][stage])
     return m.to(device).eval()
 
@@ -260,7 +260,10 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
     ckpt_dir = Path(ckpt_dir)
     r = StageRunner("student", cfg, cache, ckpt_dir, d)
     n_spk = len(r.corpus.speakers)
-    teacher = _load_stage("teacher", ckpt_dir, lambda c: Teacher(c.model.n_mels, c.teacher), d.device)
+    distill = cfg.train.student_target == "teacher"
+    # Without distillation the teacher is optional: when one exists its distance is still logged at validation.
+    teacher = (_load_stage("teacher", ckpt_dir, lambda c: Teacher(c.model.n_mels, c.teacher), d.device)
+               if distill or (ckpt_dir / "teacher.pt").is_file() else None)
     vqvae = _load_stage("vqvae", ckpt_dir, lambda c: VQVAE(c.model.n_mels, n_spk, c.vqvae), d.device)
     student = r.add("student", Student(cfg.model.n_mels, cfg.student))
     disc = r.wrap(r.add("disc", Discriminator()))
@@ -273,8 +276,9 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
     def step(batch: dict) -> dict[str, float]:
         student.train()
         with torch.no_grad():
-            if r.step < finetune_from:  # distillation: imitate the teacher on ground-truth mels
-                mel, target = batch["mel"], teacher(batch["mel"])
+            if r.step < finetune_from:  # imitate the teacher (distillation) or the audio on ground-truth mels
+                mel = batch["mel"]
+                target = teacher(mel) if distill else batch["wav"][:, None]
             else:  # fine-tuning: the VQ-VAE's decoder mels, against the real audio
                 mel, target = vqvae(batch["mel"], batch["speaker"], batch["pitch"])["mel"], batch["wav"][:, None]
         y_hat = net(mel)
@@ -290,8 +294,10 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
             b = _batch_segments(r.corpus, cfg.train.vocoder_segment_hops, 4, d.device, 0)
             y_hat = student(b["mel"])
             _save_audio(r, b["wav"][0], y_hat[0, 0], b["mel"][0])
-            return {"val_stft_vs_audio": stft_loss(stft, y_hat, b["wav"][:, None]).item(),
-                    "val_stft_vs_teacher": stft_loss(stft, y_hat, teacher(b["mel"])).item()}
+            logs = {"val_stft_vs_audio": stft_loss(stft, y_hat, b["wav"][:, None]).item()}
+            if teacher is not None:
+                logs["val_stft_vs_teacher"] = stft_loss(stft, y_hat, teacher(b["mel"])).item()
+            return logs
 
     r.loop(total, cfg.train.vocoder_segment_hops, True, step, validate, progress)
     if d.main:
@@ -309,8 +315,8 @@ def export_voice_model(ckpt_dir: str | Path, out: str | Path) -> Path:
     ckpt_dir = Path(ckpt_dir)
     vq = load_checkpoint(ckpt_dir / "vqvae.pt", kind="vqvae")
     st = load_checkpoint(ckpt_dir / "student.pt", kind="student")
-    cfg = Config.from_dict(st["config"])
-    cfg = cfg.replace(**{f"vqvae.{k}": v for k, v in Config.from_dict(vq["config"]).to_dict()["vqvae"].items()})
+    cfg = Config.from_saved(st["config"])
+    cfg = cfg.replace(**{f"vqvae.{k}": v for k, v in Config.from_saved(vq["config"]).to_dict()["vqvae"].items()})
     s = vq["stats"]
     model = VoiceModel(cfg, s["speakers"], {k: PitchStats(*v) for k, v in s["pitch"].items()}, PitchStats(*s["prior"]))
     model.vqvae.load_state_dict(vq["models"]["vqvae"])

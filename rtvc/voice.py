@@ -64,7 +64,7 @@ class VoiceModel(StreamingModule):
     @classmethod
     def load(cls, path: str | Path) -> "VoiceModel":
         ck = load_checkpoint(path, kind="voice_model")
-        m = cls(Config.from_dict(ck["config"]), ck["speakers"],
+        m = cls(Config.from_saved(ck["config"]), ck["speakers"],
                 {k: PitchStats(*v) for k, v in ck["pitch"].items()}, PitchStats(*ck["prior"]))
         m.frontend.load_state_dict(ck["frontend"])
         m.vqvae.load_state_dict(ck["vqvae"])

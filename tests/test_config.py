@@ -48,6 +48,7 @@ def test_overrides_and_user_file(tmp_path):
     ("engine.ring_ms=50", "engine.ring_ms=50.0 is too small"),
     ("teacher.upsample_factors=[4, 'x']", "teacher.upsample_factors[1]: expected integer"),
     ("audio.device_latency=fast", 'audio.device_latency="fast"'),
+    ("train.student_target=mel", 'train.student_target must be "teacher" or "audio"'),
     ("nodot=1", "use section.key"),
     ("novalue", "expected section.key=value"),
 ])
@@ -74,6 +75,16 @@ def test_missing_key_in_checkpoint_dict():
     del d["model"]["n_mels"]
     with pytest.raises(ConfigError, match='missing key "model.n_mels"'):
         Config.from_dict(d)
+
+
+def test_saved_config_from_an_older_rtvc_takes_new_defaults():
+    d = load_config(None, ["model.n_mels=64"]).to_dict()
+    del d["server"]["device"], d["train"]["student_target"]  # keys a checkpoint written before they existed lacks
+    cfg = Config.from_saved(d)
+    assert cfg.model.n_mels == 64 and cfg.server.device == "auto" and cfg.train.student_target == "teacher"
+    d["model"]["n_mesl"] = 3
+    with pytest.raises(ConfigError, match="n_mesl"):
+        Config.from_saved(d)
 
 
 def test_parse_override_types():

@@ -42,6 +42,17 @@ def test_all_stages_train_resume_and_export(prepared, tmp_path):
     assert (tmp_path / "again.pt").stat().st_size < 30e6
 
 
+def test_student_without_a_teacher(prepared, tmp_path):
+    """student_target="audio": the student trains on the recordings, no teacher checkpoint needed."""
+    cfg, cache = prepared
+    cfg = cfg.replace(**{"train.student_target": "audio"})
+    ck = tmp_path / "ck"
+    train_vqvae(cfg, cache, ck, steps=2, progress=False)
+    train_student(cfg, cache, ck, steps=4, progress=False)
+    assert not (ck / "teacher.pt").exists() and (ck / "model.pt").is_file()
+    assert load_checkpoint(ck / "student.pt", "student")["step"] == 4
+
+
 def test_vqvae_overfits_one_batch(prepared):
     cfg, cache = prepared
     torch.manual_seed(0)
