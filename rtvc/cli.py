@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--voice", help="target voice name (see `rtvc voices`; default: the model's first)")
     v.add_argument("--transpose", type=float, default=0.0, help="pitch shift in semitones (default 0)")
     v.add_argument("--model", help="voice model file (default: paths.model)")
+    v.add_argument("--passthrough", action="store_true",
+                   help="no voice model: your own voice through the same engine (same as --model passthrough)")
     v.add_argument("--block-ms", type=float, default=10.0, help="streaming block size in ms (default 10)")
 
     vo = sub.add_parser("voices", help="list the voices of the voice model")
@@ -298,6 +300,15 @@ COMMANDS = {"config": _cmd_config, "devices": _cmd_devices, "convert": _cmd_conv
             "serve": _cmd_serve, "profile": _cmd_profile, "eval": _cmd_eval}
 
 
+def resolve_model(cfg: Config) -> Config:
+    """``paths.model``: "" -> the bundled default voices when this build has them; "passthrough" -> none (the
+    labelled passthrough, which everything downstream selects with an empty ``paths.model``)."""
+    default = resources.files("rtvc").joinpath("models/default.pt")
+    if cfg.paths.model == "passthrough" or (not cfg.paths.model and not default.is_file()):
+        return cfg.replace(**{"paths.model": ""})
+    return cfg if cfg.paths.model else cfg.replace(**{"paths.model": str(default)})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     a = parser.parse_args(argv)
@@ -315,10 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides += [f"server.port={a.port}"] if a.port is not None else []
         if getattr(a, "model", None):
             overrides.append(f"paths.model={json.dumps(a.model)}")
-        cfg = load_config(a.config, overrides)
-        default = resources.files("rtvc").joinpath("models/default.pt")
-        if not cfg.paths.model and default.is_file():  # the bundled default voices, when this build has them
-            cfg = cfg.replace(**{"paths.model": str(default)})
+        if a.command == "convert" and a.passthrough:
+            overrides.append('paths.model="passthrough"')
+        cfg = resolve_model(load_config(a.config, overrides))
         return COMMANDS[a.command](cfg, a)
     except ConfigError as e:
         print(f"rtvc: config error: {e}", file=sys.stderr)

@@ -53,9 +53,24 @@ def test_live_without_device_is_a_clear_error():
     assert "no audio input device found on host API 'NoSuchHostApi'" in r.stderr
 
 
+def test_convert_bundled_sample_with_the_default_model(tmp_path):
+    """The README's run command: the bundled sample through the bundled default voices (when this build has them)."""
+    out = tmp_path / "out.wav"
+    r = rtvc("convert", "--sample", str(out), "--voice", "slt")
+    if not resources.files("rtvc").joinpath("models/default.pt").is_file():
+        assert r.returncode == 1 and "no voice model is configured" in r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    assert "converter 'slt'" in r.stdout and "PASSTHROUGH" not in r.stderr
+    x, rate_x = sf.read(str(resources.files("rtvc").joinpath("samples/speech.wav")), dtype="float32")
+    y, rate_y = sf.read(str(out), dtype="float32")
+    assert rate_x == rate_y and y.shape == x.shape and np.isfinite(y).all()
+    assert 0.01 < np.sqrt(np.mean(y ** 2)) and np.abs(y - x).max() > 0.05  # audible, and not the input
+
+
 def test_convert_bundled_sample_is_labelled_passthrough(tmp_path):
     out = tmp_path / "out.wav"
-    r = rtvc("convert", "--sample", str(out))
+    r = rtvc("convert", "--sample", str(out), "--passthrough")
     assert r.returncode == 0, r.stderr
     assert "PASSTHROUGH" in r.stderr and "passthrough (no voice model)" in r.stdout
     x, rate_x = sf.read(str(resources.files("rtvc").joinpath("samples/speech.wav")), dtype="float32")
@@ -70,7 +85,7 @@ def test_convert_resamples_through_the_engine(tmp_path):
     x = (0.4 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
     src, dst = tmp_path / "in.wav", tmp_path / "out.wav"
     sf.write(str(src), np.stack([x, x], 1), rate, subtype="FLOAT")  # stereo in -> mono out
-    assert cli.main(["convert", str(src), str(dst), "--block-ms", "7"]) == 0
+    assert cli.main(["convert", str(src), str(dst), "--block-ms", "7", "--passthrough"]) == 0
     y, r = sf.read(str(dst), dtype="float32")
     assert r == rate and y.shape == x.shape
     assert np.abs(y[2000:-2000] - x[2000:-2000]).max() < 2e-3
@@ -78,7 +93,7 @@ def test_convert_resamples_through_the_engine(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["convert", "missing.wav", "o.wav"], "does not exist"),
-    (["convert", "--sample", "o.wav", "--voice", "alice"], "no voice model is configured"),
+    (["convert", "--sample", "o.wav", "--voice", "alice", "--passthrough"], "no voice model is configured"),
     (["--set", "paths.model=nope.pt", "convert", "--sample", "o.wav"], "does not exist"),
     (["--set", "engine.crossfade=3", "config"], 'did you mean "engine.crossfade_ms"'),
 ])

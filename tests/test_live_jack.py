@@ -121,7 +121,7 @@ def test_live_duplex_through_jack(jack_server, tmp_path):
     seconds = 6.0
     stats = tmp_path / "live.json"
     # input device by name, output device by index: both resolution paths go through PortAudio for real
-    cmd = [sys.executable, "-m", "rtvc", "live", "--host-api", "JACK", "--input-device", "system",
+    cmd = [sys.executable, "-m", "rtvc", "--set", 'paths.model="passthrough"', "live", "--host-api", "JACK", "--input-device", "system",
            "--output-device", str(_jack_device_index()), "--rate", str(RATE), "--block-ms", "10",
            "--duration", str(seconds), "--stats-json", str(stats)]
     x, y, log, rc = _duplex(cmd, seconds)
