@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import Config
+from .config import Config, ConfigError
 from .data.dataset import Corpus, SegmentDataset
 from .frontend import PitchStats
 from .vocoder import Discriminator, MultiResolutionSTFTLoss, Student, Teacher
@@ -364,8 +364,8 @@ def _vocode(r: StageRunner, mel: torch.Tensor) -> np.ndarray:
                 voc = _load_stage(stage, r.ckpt_dir, build, mel.device)
                 with torch.no_grad():
                     return voc(mel[None])[0, 0].cpu().numpy().clip(-1, 1)
-            except (CheckpointError, RuntimeError):
-                pass
+            except (CheckpointError, ConfigError, RuntimeError):  # e.g. written by another rtvc version mid-run:
+                pass  # a validation sample must never stop training
     import librosa
     m = r.cfg.model
     logmel = mel.cpu().numpy() * r.corpus.mel_std[:, None] + r.corpus.mel_mean[:, None]
