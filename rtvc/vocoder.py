@@ -169,6 +169,10 @@ class Discriminator(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ losses
 
+def _magnitude(spec: torch.Tensor) -> torch.Tensor:
+    return (spec.real.square() + spec.imag.square()).clamp(min=1e-7).sqrt()
+
+
 class MultiResolutionSTFTLoss(nn.Module):
     """Spectral convergence + log-magnitude L1, averaged over resolutions. y_hat, y [B, T] -> (sc, mag)."""
 
@@ -182,8 +186,11 @@ class MultiResolutionSTFTLoss(nn.Module):
         sc = mag = 0.0
         for i, (n_fft, hop, win) in enumerate(self.res):
             w = getattr(self, f"win{i}")
-            s_hat = torch.stft(y_hat, n_fft, hop, win, w, return_complex=True).abs().clamp(min=1e-7)
-            s = torch.stft(y, n_fft, hop, win, w, return_complex=True).abs().clamp(min=1e-7)
+            # Floor the *power* at 1e-7 (magnitude 3.2e-4, as Parallel WaveGAN does): a magnitude floor of 1e-7
+            # lets near-silent bins (pauses, the empty band above 8 kHz of 16 kHz corpora) reach log|S| = -16 and
+            # dominate the log-magnitude term with detail nobody can hear.
+            s_hat = _magnitude(torch.stft(y_hat, n_fft, hop, win, w, return_complex=True))
+            s = _magnitude(torch.stft(y, n_fft, hop, win, w, return_complex=True))
             sc = sc + torch.linalg.norm(s - s_hat) / torch.linalg.norm(s).clamp(min=1e-7)
             mag = mag + F.l1_loss(torch.log(s_hat), torch.log(s))
         return sc / len(self.res), mag / len(self.res)
