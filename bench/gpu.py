@@ -96,12 +96,13 @@ def bench_vocoders(device: torch.device, quick: bool) -> dict:
     cfg = load_config()
     frames = 100 if quick else 1000  # 1 s / 10 s of audio
     mel = torch.randn(1, cfg.model.n_mels, frames, device=device)
+    pitch = torch.stack([0.3 * torch.randn(1, frames, device=device), torch.ones(1, frames, device=device)], 1)
     out = {}
-    for name, model in (("student", Student(cfg.model.n_mels, cfg.student)),
-                        ("pwg_paper_size_teacher", Teacher(cfg.model.n_mels, cfg.teacher))):
+    for name, model, args in (("student", Student(cfg.model.n_mels, cfg.student, cfg.model.sample_rate), (mel, pitch)),
+                              ("pwg_paper_size_teacher", Teacher(cfg.model.n_mels, cfg.teacher), (mel,))):
         model = model.to(device).eval()
         with torch.inference_mode():
-            ms = timed(lambda: model(mel), device, 3 if quick else 10)
+            ms = timed(lambda: model(*args), device, 3 if quick else 10)
         sec = frames * cfg.model.hop_length / cfg.model.sample_rate
         out[name] = {"params": sum(p.numel() for p in model.parameters()), "audio_seconds": sec,
                      "p50_ms": float(np.median(ms)), "x_realtime": sec / (float(np.median(ms)) / 1000)}

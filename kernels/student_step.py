@@ -20,8 +20,9 @@ def _leaky(x):  # pragma: no cover - numba
 
 
 @njit(cache=True)
-def student_step(mel, cond, ups, first, layers, head, sub):  # pragma: no cover - numba
-    """mel [n_mels, N] -> waveform [N * hop] (streaming; all histories updated in place)."""
+def student_step(mel, src, cond, ups, first, layers, head, sub):  # pragma: no cover - numba
+    """mel [n_mels, N], src [E, N * hop / sub] (the folded excitation, ``Student.source``) -> waveform [N * hop]
+    (streaming; all histories updated in place)."""
     none = np.empty((0, 1), np.float32)
     cw, cb, cp = cond
     c = _leaky(_conv(mel, cp, cw, cb, 2, 1, none[:, :0]))
@@ -34,7 +35,7 @@ def student_step(mel, cond, ups, first, layers, head, sub):  # pragma: no cover 
                 rep[:, t * f + r] = c[:, t]
         c = _leaky(_conv(rep, ups_[i], uws[i], ubs[i], 3, 1, none[:, :0]))
     fw, fb, fp = first
-    x = _conv(c, fp, fw, fb, 1, 1, none[:, :0])
+    x = _conv(np.concatenate((c, src)), fp, fw, fb, 1, 1, none[:, :0])
     skips = np.zeros_like(x)
     lws, lbs, lps, dils, ks, rws, rbs, sws = layers
     for i in range(len(lws)):  # the same per-layer code as the rtvc::student_layer CPU op

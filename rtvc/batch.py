@@ -130,13 +130,16 @@ class BatchedVoice:
             codes = m.vqvae.vq.nearest(z.transpose(1, 2).reshape(-1, d))
             q = m.vqvae.vq.codebook[codes].reshape(n, t, d).transpose(1, 2)
             spk = m.vqvae.speakers(torch.as_tensor(self._voice[slots], device=self.device))
-            mel_hat = m.vqvae.decoder(q, spk, torch.from_numpy(pitch).to(self.device))
-            return m.student(mel_hat)[:, 0].float().cpu().numpy()
+            pitch_t = torch.from_numpy(pitch).to(self.device)
+            mel_hat = m.vqvae.decoder(q, spk, pitch_t)
+            return m.student(mel_hat, pitch_t)[:, 0].float().cpu().numpy()
 
     def _step_fused(self, slots: list[int], mel: np.ndarray, pitch: np.ndarray) -> np.ndarray:
         from kernels.frame_stack import frame_convert
         from kernels.student_step import student_args, student_step
         out = np.empty((len(slots), mel.shape[2] * self.hop), np.float32)
+        with self.model.student.source.slots(torch.as_tensor(slots)):  # every slot's excitation in one call
+            src = self.model.student.source(torch.from_numpy(pitch)).numpy()
         for i, s in enumerate(slots):
             if self._args[s] is None:
                 v = int(self._voice[s])
@@ -145,5 +148,5 @@ class BatchedVoice:
             (enc, cb, cbn, dec), stu = self._args[s]
             mel_hat = np.empty((mel.shape[1], mel.shape[2]), np.float32)
             frame_convert(mel[i], pitch[i], enc, cb, cbn, dec, mel_hat)
-            out[i] = student_step(mel_hat, *stu)
+            out[i] = student_step(mel_hat, src[i], *stu)
         return out

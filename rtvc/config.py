@@ -169,11 +169,13 @@ class StudentConfig:
     aux_channels: int
     kernel_size: int
     upsample_factors: tuple[int, ...]
+    harmonics: int
 
     def __post_init__(self) -> None:
         _check(self.layers >= 1 and self.stacks >= 1 and self.layers % self.stacks == 0,
                f"student.layers={self.layers} must be a positive multiple of student.stacks={self.stacks}")
         _check(self.kernel_size >= 2, "student.kernel_size must be >= 2")
+        _check(self.harmonics >= 1, "student.harmonics must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,7 @@ class GraphStep:
         zc = v.encoder(mel)
         q = v.vq.codebook[v.vq.nearest(zc[:, :, 0])][:, :, None]
         mel_hat = v.decoder(q, v.speakers(self.speaker), pitch)
-        y = m.student(mel_hat)[:, 0]
+        y = m.student(mel_hat, pitch)[:, 0]
         act = self.active
         for t, old in zip(self.states, saved):  # idle slots keep their state
             t.copy_(torch.where(act.view(-1, *([1] * (t.dim() - 1))), t, old))

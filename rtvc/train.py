@@ -265,7 +265,7 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
     teacher = (_load_stage("teacher", ckpt_dir, lambda c: Teacher(c.model.n_mels, c.teacher), d.device)
                if distill or (ckpt_dir / "teacher.pt").is_file() else None)
     vqvae = _load_stage("vqvae", ckpt_dir, lambda c: VQVAE(c.model.n_mels, n_spk, c.vqvae), d.device)
-    student = r.add("student", Student(cfg.model.n_mels, cfg.student))
+    student = r.add("student", Student(cfg.model.n_mels, cfg.student, cfg.model.sample_rate))
     disc = r.wrap(r.add("disc", Discriminator()))
     r.resume()
     net, opt = r.wrap(student), r.optims["student"]
@@ -281,7 +281,7 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
                 target = teacher(mel) if distill else batch["wav"][:, None]
             else:  # fine-tuning: the VQ-VAE's decoder mels, against the real audio
                 mel, target = vqvae(batch["mel"], batch["speaker"], batch["pitch"])["mel"], batch["wav"][:, None]
-        y_hat = net(mel)
+        y_hat = net(mel, batch["pitch"])
         loss = stft_loss(stft, y_hat, target)
         logs = {"stft": loss.item(), "phase": float(r.step >= finetune_from)}
         loss, adv_logs = _adversarial(r, loss, y_hat, batch["wav"][:, None], disc)
@@ -292,7 +292,7 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
         student.eval()
         with torch.no_grad():
             b = _batch_segments(r.corpus, cfg.train.vocoder_segment_hops, 4, d.device, 0)
-            y_hat = student(b["mel"])
+            y_hat = student(b["mel"], b["pitch"])
             _save_audio(r, b["wav"][0], y_hat[0, 0], b["mel"][0])
             logs = {"val_stft_vs_audio": stft_loss(stft, y_hat, b["wav"][:, None]).item()}
             if teacher is not None:
@@ -353,17 +353,19 @@ def _save_sample(r: StageRunner, b: dict, model: VQVAE) -> None:
     _spectrogram_png(f"{stem}.png", {"source": b["mel"][0].cpu().numpy(), "reconstructed": rec[0].cpu().numpy(),
                                      f"as {r.corpus.speakers[int(other)]}": conv[0].cpu().numpy()})
     import soundfile as sf
-    sf.write(f"{stem}_converted.wav", _vocode(r, conv[0]), r.cfg.model.sample_rate)
+    sf.write(f"{stem}_converted.wav", _vocode(r, conv[0], b["pitch"][0]), r.cfg.model.sample_rate)
 
 
-def _vocode(r: StageRunner, mel: torch.Tensor) -> np.ndarray:
-    for stage, build in (("student", lambda c: Student(c.model.n_mels, c.student)),
+def _vocode(r: StageRunner, mel: torch.Tensor, pitch: torch.Tensor) -> np.ndarray:
+    """mel [n_mels, N], pitch [2, N] -> wav: the student when trained, else the teacher, else Griffin-Lim."""
+    for stage, build in (("student", lambda c: Student(c.model.n_mels, c.student, c.model.sample_rate)),
                          ("teacher", lambda c: Teacher(c.model.n_mels, c.teacher))):
         if (r.ckpt_dir / f"{stage}.pt").is_file():
             try:
                 voc = _load_stage(stage, r.ckpt_dir, build, mel.device)
                 with torch.no_grad():
-                    return voc(mel[None])[0, 0].cpu().numpy().clip(-1, 1)
+                    y = voc(mel[None], pitch[None]) if stage == "student" else voc(mel[None])
+                    return y[0, 0].cpu().numpy().clip(-1, 1)
             except (CheckpointError, ConfigError, RuntimeError):  # e.g. written by another rtvc version mid-run:
                 pass  # a validation sample must never stop training
     import librosa

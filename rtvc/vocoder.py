@@ -2,8 +2,9 @@
 the multi-resolution STFT loss.
 
 Teacher (Yamamoto et al. 2020): noise [B, 1, T] + upsampled mel -> 30 non-causal dilated gated layers.
-Student: no noise, causal everywhere; its residual stack runs at ``sample_rate / r`` (r = last upsample
-factor) and a sub-pixel head emits r samples per step, so one 10 ms hop costs 60 steps instead of 240.
+Student: causal everywhere, driven by an :class:`Excitation` (harmonic sines at the pitch the decoder was given,
+plus deterministic noise) instead of PWG's noise; its residual stack runs at ``sample_rate / r`` (r = last
+upsample factor) and a sub-pixel head emits r samples per step, so one 10 ms hop costs 60 steps instead of 240.
 In streaming, each student layer is *one GEMM* (the dilated taps of x and the conditioning stacked) plus
 the residual / skip 1x1 accumulated in place.
 """
@@ -16,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataclasses import dataclass
+
 from .config import StudentConfig, TeacherConfig, TrainConfig
+from .frontend import LF0_MEAN, LF0_STD
 from .streaming import CausalConv1d, StreamingModule, gemm, receptive_field
 
 
@@ -74,6 +78,60 @@ class Teacher(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ student
 
+@dataclass
+class ExcitationState:
+    """Per stream: the fundamental's phase (radians, float64 so hours of audio stay exact) ``phase`` [B] and the
+    number of samples emitted so far ``count`` [B] (int64: the noise counter)."""
+
+    phase: torch.Tensor
+    count: torch.Tensor
+
+
+def hash_noise(n: torch.Tensor) -> torch.Tensor:
+    """Uniform noise in [-1, 1) as a pure function of the sample counter ``n`` (int64, any shape): the same
+    sequence offline and in any chunking, no generator state (a 32-bit integer mix; period 2^31 samples)."""
+    x = ((n % 2147483648) * 2654435761) % 4294967296
+    x = ((x ^ (x >> 16)) * 73244475) % 4294967296
+    x = x ^ (x >> 16)
+    return x.double() * (2.0 / 4294967296.0) - 1.0
+
+
+class Excitation(StreamingModule):
+    """Source signal for the student, folded to its step rate: pitch [B, 2, N] (normalised held log-F0 and
+    voicing, as the decoder gets it) -> [B, (harmonics + 1) * sub, N * hop / sub]. Channel ``j * sub + r`` at step
+    t holds sample ``t * sub + r`` of source j: sin(k * phase) for k = 1..harmonics (zero when unvoiced or when
+    k * F0 is above 0.95 Nyquist), then noise. F0 is held per frame; the phase runs continuously across frames
+    and chunks (state), so no click at hop edges."""
+
+    def __init__(self, sample_rate: int, hop: int, sub: int, harmonics: int) -> None:
+        super().__init__()
+        self.rate, self.hop, self.sub, self.harmonics = sample_rate, hop, sub, harmonics
+        self.register_buffer("k", torch.arange(1, harmonics + 1, dtype=torch.float64), persistent=False)
+
+    def init_state(self, batch, device, dtype):
+        return ExcitationState(torch.zeros(batch, dtype=torch.float64, device=device),
+                               torch.zeros(batch, dtype=torch.int64, device=device))
+
+    def forward(self, pitch: torch.Tensor) -> torch.Tensor:
+        b, _, n = pitch.shape
+        voiced = pitch[:, 1] > 0.5
+        f0 = torch.where(voiced, torch.exp(pitch[:, 0].double() * LF0_STD + LF0_MEAN), torch.zeros_like(pitch[:, 0], dtype=torch.float64))
+        f0 = f0.repeat_interleave(self.hop, dim=1)                                           # [B, T]
+        inc = f0 * (2.0 * math.pi / self.rate)
+        start = self._state.phase[:, None] if self._state is not None else inc.new_zeros(b, 1)
+        phase = start + torch.cumsum(inc, dim=1) - inc                # phase of sample t: before its increment
+        n0 = self._state.count[:, None] if self._state is not None else torch.zeros(b, 1, dtype=torch.int64, device=pitch.device)
+        idx = n0 + torch.arange(f0.shape[1], device=pitch.device)[None]
+        if self._state is not None:
+            self._state.phase.copy_(torch.remainder(phase[:, -1] + inc[:, -1], 2.0 * math.pi))
+            self._state.count.add_(f0.shape[1])
+        k = self.k[None, :, None]
+        audible = (f0[:, None] > 0) & (k * f0[:, None] < 0.475 * self.rate)  # voiced, below 0.95 Nyquist
+        sines = torch.sin(k * phase[:, None]) * audible                                    # [B, H, T]
+        src = torch.cat([sines, hash_noise(idx)[:, None]], dim=1).to(pitch.dtype)        # [B, H+1, T]
+        t = src.shape[2] // self.sub
+        return src.reshape(b, -1, t, self.sub).transpose(2, 3).reshape(b, -1, t)           # sub-pixel fold
+
 class _StudentLayer(StreamingModule):
     """Causal gated layer: GLU(dilated conv(x) + aux(c)) -> residual and skip 1x1.
 
@@ -115,16 +173,18 @@ class _StudentLayer(StreamingModule):
 
 
 class Student(StreamingModule):
-    """Causal streaming vocoder. mel [B, n_mels, N] -> wav [B, 1, N*hop]; ``hop`` samples per mel frame."""
+    """Causal streaming vocoder. mel [B, n_mels, N] + pitch [B, 2, N] -> wav [B, 1, N*hop]; ``hop`` samples per
+    mel frame."""
 
-    def __init__(self, n_mels: int, cfg: StudentConfig) -> None:
+    def __init__(self, n_mels: int, cfg: StudentConfig, sample_rate: int) -> None:
         super().__init__()
         self.cfg = cfg
         *ups, self.sub = cfg.upsample_factors
         a, ch = cfg.aux_channels, cfg.residual_channels
         self.cond = CausalConv1d(n_mels, a, 2)
         self.ups = nn.ModuleList(CausalConv1d(a, a, 3) for _ in ups)
-        self.first = CausalConv1d(a, ch, 1)
+        self.source = Excitation(sample_rate, math.prod(cfg.upsample_factors), self.sub, cfg.harmonics)
+        self.first = CausalConv1d(a + (cfg.harmonics + 1) * self.sub, ch, 1)  # conditioning ++ folded excitation
         per = cfg.layers // cfg.stacks
         self.layers = nn.ModuleList(_StudentLayer(ch, a, cfg.kernel_size, 2 ** (i % per)) for i in range(cfg.layers))
         self.head1 = CausalConv1d(ch, ch, 1)
@@ -135,11 +195,11 @@ class Student(StreamingModule):
         """In output samples."""
         return receptive_field([l.conv for l in self.layers]) * self.sub
 
-    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+    def forward(self, mel: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
         c = F.leaky_relu(self.cond(mel), 0.2)
         for f, conv in zip(self.cfg.upsample_factors, self.ups):
             c = F.leaky_relu(conv(c.repeat_interleave(f, dim=2)), 0.2)
-        x = self.first(c)
+        x = self.first(torch.cat([c, self.source(pitch)], dim=1))
         skips = torch.zeros_like(x)
         for layer in self.layers:
             x = layer(x, c, skips)

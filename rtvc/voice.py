@@ -45,7 +45,7 @@ class VoiceModel(StreamingModule):
         self.cfg, self.speakers, self.pitch, self.prior = cfg, list(speakers), dict(pitch), prior
         self.frontend = Frontend(cfg.model)
         self.vqvae = VQVAE(cfg.model.n_mels, len(speakers), cfg.vqvae)
-        self.student = Student(cfg.model.n_mels, cfg.student)
+        self.student = Student(cfg.model.n_mels, cfg.student, cfg.model.sample_rate)
 
     def speaker_id(self, name: str) -> int:
         if name not in self.speakers:
@@ -148,7 +148,8 @@ class VoiceConverter:
             from kernels.student_step import student_args, student_step
             if self._student_args is None:
                 self._student_args = student_args(m.student)
-            y = torch.from_numpy(student_step(out, *self._student_args))[None]
+            src = m.student.source(pitch_t)[0].numpy()
+            y = torch.from_numpy(student_step(out, src, *self._student_args))[None]
             self._tick("vocoder", t)
             return y
         z = m.vqvae.encoder(mel)
@@ -160,7 +161,7 @@ class VoiceConverter:
         t = self._tick("decoder", t)
         if mel_only:
             return mel_hat
-        y = m.student(mel_hat)[:, 0]
+        y = m.student(mel_hat, pitch_t)[:, 0]
         self._tick("vocoder", t)
         return y
 

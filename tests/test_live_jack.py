@@ -143,6 +143,27 @@ def test_live_duplex_through_jack(jack_server, tmp_path):
           f"(engine nominal {report['latency_ms']:.2f} ms + {(best - lat) // PERIOD} JACK periods)")
 
 
+def test_live_default_voices_through_jack(jack_server, tmp_path):
+    """`rtvc live` with nothing configured runs the bundled default voices in real time: no underruns."""
+    from importlib import resources
+    if not resources.files("rtvc").joinpath("models/default.pt").is_file():
+        pytest.skip("this build bundles no default voices")
+    seconds = 6.0
+    stats = tmp_path / "live.json"
+    cmd = [sys.executable, "-m", "rtvc", "live", "--host-api", "JACK", "--input-device", "system", "--output-device",
+           "system", "--rate", str(RATE), "--block-ms", "10", "--voice", "slt", "--duration", str(seconds),
+           "--stats-json", str(stats)]
+    x, y, log, rc = _duplex(cmd, seconds)
+    assert rc == 0, log
+    report = json.loads(stats.read_text())
+    assert "voice: slt" in log and report["engine"]["underruns"] == 0, log
+    assert report["engine"]["dropped_in"] == report["engine"]["dropped_late"] == 0, log
+    steady = y[RATE: -RATE]
+    assert np.isfinite(steady).all() and float(np.sqrt(np.mean(steady ** 2))) > 1e-3, "no converted audio came back"
+    _, err = _best_lag(x, y, 0, 4 * RATE // 100)
+    assert err > 0.05, "the output is the input: no conversion happened"
+
+
 def test_mic_client_through_jack_and_server(jack_server):
     """clients/mic.py: JACK microphone -> websocket -> rtvc server (passthrough) -> JACK speakers."""
     from rtvc.config import load_config

@@ -3,6 +3,8 @@ chunk sizes from one hop to many, three seeds each; and causality: future input 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -72,23 +74,27 @@ def test_encoder_decoder_student(seed):
     rng = np.random.default_rng(seed)
     c, n = CFG.vqvae, CFG.model.n_mels
     mel = torch.randn(1, n, 30)
-    enc, dec, stu = Encoder(n, c).eval(), Decoder(n, c).eval(), Student(n, CFG.student).eval()
+    enc, dec = Encoder(n, c).eval(), Decoder(n, c).eval()
+    stu = Student(n, CFG.student, CFG.model.sample_rate).eval()
     with torch.no_grad():
         assert (_stream(enc, enc, mel, rng) - enc(mel)).abs().max() <= TOL
         q, spk, pitch = torch.randn(1, c.code_dim, 30), torch.randn(1, c.speaker_dim), torch.randn(1, 2, 30)
         both = torch.cat([q, pitch], 1)
         fn = lambda z: dec(z[:, : c.code_dim], spk, z[:, c.code_dim:])  # noqa: E731
         assert (_stream(dec, fn, both, rng) - dec(q, spk, pitch)).abs().max() <= TOL
-        off = stu(mel)
-        st = torch.cat([stu_chunk for stu_chunk in _student_chunks(stu, mel, rng)], -1)
+        # pitch as the decoder gets it: held normalised log-F0 with unvoiced stretches (the excitation's phase and
+        # noise counter must carry across chunks)
+        sp = torch.stack([0.4 * torch.randn(1, 30), (torch.rand(1, 30) > 0.3).float()], 1)
+        off = stu(mel, sp)
+        st = torch.cat([stu_chunk for stu_chunk in _student_chunks(stu, mel, sp, rng)], -1)
         assert off.shape[-1] == 30 * CFG.model.hop_length
         assert (st - off).abs().max() <= TOL
 
 
-def _student_chunks(stu, mel, rng):
+def _student_chunks(stu, mel, pitch, rng):
     with stu.streaming(1):
         for a, b in _chunks(mel.shape[-1], rng):
-            yield stu(mel[..., a:b])
+            yield stu(mel[..., a:b], pitch[..., a:b])
 
 
 def _speech_like(seconds: float, rate: int, seed: int) -> np.ndarray:
@@ -142,8 +148,9 @@ def test_modules_are_causal(module):
             spk, p = torch.randn(1, c.speaker_dim), torch.zeros(1, 2, 40)
             a, b, unit = m(mel[:, : c.code_dim], spk, p), m(mel2[:, : c.code_dim], spk, p), 1
         elif module == "student":
-            m = Student(n, CFG.student)
-            a, b, unit = m(mel), m(mel2), CFG.model.hop_length
+            m = Student(n, CFG.student, CFG.model.sample_rate)
+            p = torch.stack([torch.zeros(1, 40), torch.ones(1, 40)], 1)
+            a, b, unit = m(mel, p), m(mel2, p), CFG.model.hop_length
         else:
             m = VQVAE(n, 3, c).eval()
             spk, p = torch.tensor([1]), torch.zeros(1, 2, 40)
@@ -195,3 +202,30 @@ def test_fused_cpu_kernel_equals_torch_streaming():
     fused.fused = True
     np.testing.assert_allclose(fused.convert(x[61 * hop: 62 * hop]), (plain.convert(x[60 * hop: 61 * hop]),
                                plain.convert(x[61 * hop: 62 * hop]))[1], atol=TOL)
+
+
+def test_excitation_source():
+    """The student's source: sines at k * F0 (voiced only, none above Nyquist), noise that is a pure function of
+    the sample index, and a phase that runs on across chunks."""
+    from rtvc.frontend import LF0_MEAN, LF0_STD
+    from rtvc.vocoder import Excitation, hash_noise
+    rate, hop, sub, h = 24000, 240, 4, 8
+    ex = Excitation(rate, hop, sub, h)
+    f0 = 2000.0  # harmonics 6.. (12 kHz and up) are above 0.95 Nyquist
+    z = (math.log(f0) - LF0_MEAN) / LF0_STD
+    pitch = torch.tensor([[[z] * 4, [1.0, 1.0, 0.0, 1.0]]])
+    e = ex(pitch)                                                       # [1, (h+1)*sub, 4*hop/sub]
+    src = e.reshape(1, h + 1, sub, -1).transpose(2, 3).reshape(1, h + 1, -1)  # unfold: [1, h+1, 4*hop]
+    t = torch.arange(hop, dtype=torch.float64)
+    assert torch.allclose(src[0, 0, :hop].double(), torch.sin(2 * math.pi * f0 * t / rate), atol=1e-5)
+    assert torch.allclose(src[0, 1, :hop].double(), torch.sin(2 * 2 * math.pi * f0 * t / rate), atol=1e-5)
+    assert src[0, 5:h].abs().max() == 0 and src[0, 4].abs().max() > 0.9  # 5 * 2 kHz < 11.4 kHz <= 6 * 2 kHz
+    assert src[0, :h, 2 * hop: 3 * hop].abs().max() == 0                 # unvoiced frame: noise only
+    n = torch.arange(4 * hop)
+    assert torch.equal(src[0, h], hash_noise(n).float())
+    u = hash_noise(torch.arange(200000))
+    assert -1 <= u.min() < -0.99 and 0.99 < u.max() < 1 and abs(float(u.mean())) < 0.01
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.01  # white
+    with ex.streaming(1):  # chunked == offline, incl. the phase and the counter
+        parts = [ex(pitch[..., a:b]) for a, b in ((0, 1), (1, 3), (3, 4))]
+    assert (torch.cat(parts, -1) - e).abs().max() < 1e-5
