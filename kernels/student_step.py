@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from rtvc.frontend import LF0_MEAN, LF0_STD
+
 from .student_layer import causal_conv_cpu as _conv
 from .student_layer import layer_cpu
 
@@ -20,9 +22,43 @@ def _leaky(x):  # pragma: no cover - numba
 
 
 @njit(cache=True)
-def student_step(mel, src, cond, ups, first, layers, head, sub):  # pragma: no cover - numba
-    """mel [n_mels, N], src [E, N * hop / sub] (the folded excitation, ``Student.source``) -> waveform [N * hop]
-    (streaming; all histories updated in place)."""
+def _hash_noise(n):  # pragma: no cover - numba
+    x = ((n % 2147483648) * 2654435761) % 4294967296  # the same integer mix as rtvc.vocoder.hash_noise
+    x = ((x ^ (x >> 16)) * 73244475) % 4294967296
+    x = x ^ (x >> 16)
+    return np.float64(x) * (2.0 / 4294967296.0) - 1.0
+
+
+@njit(cache=True)
+def excitation(pitch, source, sub):  # pragma: no cover - numba
+    """``rtvc.vocoder.Excitation`` for one stream: pitch [2, N] -> folded source [(H+1)*sub, N*hop/sub]; the
+    phase and counter views in ``source`` advance in place."""
+    phase, count, rate, hop, harmonics, lf0_mean, lf0_std = source
+    n = pitch.shape[1]
+    src = np.zeros(((harmonics + 1) * sub, n * hop // sub), np.float32)
+    ph, c0 = phase[0], count[0]
+    for i in range(n):
+        voiced = pitch[1, i] > 0.5
+        f0 = np.exp(np.float64(pitch[0, i]) * lf0_std + lf0_mean) if voiced else 0.0
+        inc = f0 * (2.0 * np.pi / rate)
+        for j in range(hop):
+            t = i * hop + j
+            if voiced:
+                for k in range(1, harmonics + 1):
+                    if k * f0 < 0.475 * rate:
+                        src[(k - 1) * sub + t % sub, t // sub] = np.sin(k * ph)
+            src[harmonics * sub + t % sub, t // sub] = _hash_noise(c0 + t)
+            ph += inc
+    phase[0] = ph % (2.0 * np.pi)
+    count[0] = c0 + n * hop
+    return src
+
+
+@njit(cache=True)
+def student_step(mel, pitch, source, cond, ups, first, layers, head, sub):  # pragma: no cover - numba
+    """mel [n_mels, N], pitch [2, N] (as the decoder got it) -> waveform [N * hop] (streaming; all histories,
+    the excitation's phase and counter updated in place)."""
+    src = excitation(pitch, source, sub)
     none = np.empty((0, 1), np.float32)
     cw, cb, cp = cond
     c = _leaky(_conv(mel, cp, cw, cb, 2, 1, none[:, :0]))
@@ -64,6 +100,9 @@ def student_args(student, slot: int = 0) -> tuple:
     rw = tuple(l._wr.numpy() for l in layers)
     rb = tuple(np.ascontiguousarray(l._br.numpy()[:, 0]) for l in layers)
     sw = tuple(l._ws.numpy() for l in layers)
-    return (conv(student.cond), (tuple(u[0] for u in ups), tuple(u[1] for u in ups), tuple(u[2] for u in ups), factors),
+    ex = student.source
+    source = (ex._state.phase[slot:slot + 1].numpy(), ex._state.count[slot:slot + 1].numpy(), float(ex.rate), ex.hop,
+              ex.harmonics, LF0_MEAN, LF0_STD)
+    return (source, conv(student.cond), (tuple(u[0] for u in ups), tuple(u[1] for u in ups), tuple(u[2] for u in ups), factors),
             conv(student.first), (lw, lb, lp, dils, ks, rw, rb, sw), (*conv(student.head1), *conv(student.head2)),
             student.sub)

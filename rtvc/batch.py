@@ -138,8 +138,6 @@ class BatchedVoice:
         from kernels.frame_stack import frame_convert
         from kernels.student_step import student_args, student_step
         out = np.empty((len(slots), mel.shape[2] * self.hop), np.float32)
-        with self.model.student.source.slots(torch.as_tensor(slots)):  # every slot's excitation in one call
-            src = self.model.student.source(torch.from_numpy(pitch)).numpy()
         for i, s in enumerate(slots):
             if self._args[s] is None:
                 v = int(self._voice[s])
@@ -148,5 +146,5 @@ class BatchedVoice:
             (enc, cb, cbn, dec), stu = self._args[s]
             mel_hat = np.empty((mel.shape[1], mel.shape[2]), np.float32)
             frame_convert(mel[i], pitch[i], enc, cb, cbn, dec, mel_hat)
-            out[i] = student_step(mel_hat, src[i], *stu)
+            out[i] = student_step(mel_hat, pitch[i], *stu)
         return out

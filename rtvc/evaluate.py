@@ -183,7 +183,9 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
                          {f"source ({source})": x, f"reference ({tgt})": ref,
                           **{f"{n} -> {tgt}": o[0] for n, o in outs.items()}}, rate)
     summary = _summarise(rows, systems, targets)
-    result = {"model": str(model_path), "testset": str(testset), "source": source, "targets": targets,
+    import sys
+    result = {"command": "rtvc " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("rtvc", "__main__.py") else "",
+              "model": str(model_path), "testset": str(testset), "source": source, "targets": targets,
               "items": len(items), "summary": summary, "rows": rows}
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     (out / "eval.md").write_text(markdown(result))
@@ -204,6 +206,7 @@ def markdown(result: dict) -> str:
     lines = [f"# rtvc eval: `{result['model']}`", "",
              f"Test set `{result['testset']}`: {result['items']} held-out sentences, source voice "
              f"`{result['source']}` (never a target), targets {', '.join(result['targets'])}.", "",
+             *([f"Command: `{result['command']}`", ""] if result.get("command") else []),
              "| system | pair | sim → target ↑ | sim → source ↓ | MCD dB ↓ | log-F0 corr ↑ | RTF |",
              "|---|---|---|---|---|---|---|"]
     for sysname, s in result["summary"].items():

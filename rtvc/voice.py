@@ -148,8 +148,7 @@ class VoiceConverter:
             from kernels.student_step import student_args, student_step
             if self._student_args is None:
                 self._student_args = student_args(m.student)
-            src = m.student.source(pitch_t)[0].numpy()
-            y = torch.from_numpy(student_step(out, src, *self._student_args))[None]
+            y = torch.from_numpy(student_step(out, pitch, *self._student_args))[None]
             self._tick("vocoder", t)
             return y
         z = m.vqvae.encoder(mel)
