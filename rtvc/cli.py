@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from importlib import resources
 from pathlib import Path
@@ -283,7 +284,8 @@ def _cmd_eval(cfg: Config, a: argparse.Namespace) -> int:
     from .evaluate import evaluate, markdown
     if not cfg.paths.model:
         raise NoVoiceModel("no voice model to evaluate: pass --model FILE or set paths.model")
-    res = evaluate(cfg.paths.model, a.testset or Path(cfg.paths.data_dir) / "testset", a.out, a.teacher, a.max_items)
+    res = evaluate(cfg.paths.model, a.testset or Path(cfg.paths.data_dir) / "testset", a.out, a.teacher, a.max_items,
+                   command="rtvc " + shlex.join(a.argv))
     print(markdown(res))
     print(f"saved {Path(a.out) / 'eval.json'}, {Path(a.out) / 'eval.md'} and {Path(a.out) / 'spectrograms'}/")
     return 0
@@ -312,6 +314,7 @@ def resolve_model(cfg: Config) -> Config:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     a = parser.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # the invocation, for reports that record it
     if a.command is None:
         parser.print_help()
         return 0

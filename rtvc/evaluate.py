@@ -126,7 +126,8 @@ def _spectrogram(path: Path, panels: dict[str, np.ndarray], rate: int) -> None:
 
 
 def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, teacher_path: str | Path | None = None,
-             max_items: int | None = None, progress: bool = True) -> dict:
+             max_items: int | None = None, progress: bool = True, command: str = "") -> dict:
+    """``command``: how this run was invoked, recorded in the report (the CLI passes its own command line)."""
     from .voice import VoiceConverter, VoiceModel
     model = VoiceModel.load(model_path)
     rate = model.cfg.model.sample_rate
@@ -183,9 +184,7 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
                          {f"source ({source})": x, f"reference ({tgt})": ref,
                           **{f"{n} -> {tgt}": o[0] for n, o in outs.items()}}, rate)
     summary = _summarise(rows, systems, targets)
-    import sys
-    result = {"command": "rtvc " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("rtvc", "__main__.py") else "",
-              "model": str(model_path), "testset": str(testset), "source": source, "targets": targets,
+    result = {"command": command, "model": str(model_path), "testset": str(testset), "source": source, "targets": targets,
               "items": len(items), "summary": summary, "rows": rows}
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     (out / "eval.md").write_text(markdown(result))
