@@ -343,7 +343,12 @@ class Server:
             # graceful: flush every session, close with 1001 "going away"
             await asyncio.gather(*(self._finish(s, P.CLOSE_GOING_AWAY, "server shutdown")
                                    for s in list(self.sessions.values())), return_exceptions=True)
+        # Join the worker before returning: a process that exits while the daemon thread is inside a native step
+        # (numba / torch) aborts ("terminate called without an active exception", exit -6).
         self._stop.set()
+        self._wake.set()
+        if self._worker.is_alive():
+            await asyncio.to_thread(self._worker.join)
 
     def request_stop(self) -> None:
         if self._loop is not None:

@@ -383,7 +383,8 @@ def test_sigterm_flushes_and_closes_1001(tmp_path):
 
     try:
         got, end, code = asyncio.run(main())
-        assert proc.wait(timeout=20) == 0
+        rc = proc.wait(timeout=20)
+        assert rc == 0, proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
