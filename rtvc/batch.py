@@ -51,20 +51,50 @@ class SlotPool:
         return out
 
 
-class BatchedVoice:
+class VoiceSlots:
+    """What every model-backed server runner shares: a :class:`SlotPool`, each slot's voice id and transpose (set
+    by sessions on the event loop, read by the worker at the next step), and the acquire/release/set interface."""
+
+    def __init__(self, model: VoiceModel, slots: int) -> None:
+        self.model, self.capacity, self.voices = model, slots, list(model.speakers)
+        self.hop, self.sample_rate, self.latency = model.cfg.model.hop_length, model.cfg.model.sample_rate, 0
+        self.pool = SlotPool(slots)
+        self._voice = np.zeros(slots, np.int64)
+        self._transpose = np.zeros(slots)
+
+    def acquire(self, voice: str, transpose: float = 0.0) -> int:
+        slot = self.pool.take()  # its state is reset by the worker, between steps
+        self.set(slot, voice, transpose)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.pool.give(slot)
+
+    def set(self, slot: int, voice: str | None = None, transpose: float | None = None) -> None:
+        """Voice changes take effect at the next hop (the decoder's causal context smooths the change)."""
+        if voice is not None:
+            self._voice[slot] = self.model.speaker_id(voice)
+        if transpose is not None:
+            self._transpose[slot] = float(transpose)
+        self._changed(slot, voice is not None)
+
+    def _changed(self, slot: int, voice: bool) -> None:
+        """Hook: ``slot``'s voice (``voice`` True) and/or transpose changed."""
+
+    def voice_of(self, slot: int) -> str:
+        return self.model.speakers[int(self._voice[slot])]
+
+
+class BatchedVoice(VoiceSlots):
     def __init__(self, model: VoiceModel, slots: int, device: str | torch.device = "cpu") -> None:
-        self.model = model.to(device).eval()
+        super().__init__(model.to(device).eval(), slots)
         self.device = torch.device(device)
         self.cfg = model.cfg
-        self.hop, self.sample_rate, self.latency = self.cfg.model.hop_length, self.cfg.model.sample_rate, 0
-        self.capacity, self.name = slots, "voice model (batched)"
+        self.name = "voice model (batched)"
         self.model.start_streaming(slots)
-        self.pool = SlotPool(slots)
         mapper = PitchMapper(model.prior)
         self._mapper = [copy.deepcopy(mapper) for _ in range(slots)]
         self._held = np.zeros(slots)
-        self._voice = np.zeros(slots, np.int64)
-        self._transpose = np.zeros(slots)
         # CPU: per-slot fused numba kernels on views of each slot's state beat a batched torch step, whose cost
         # at these sizes is op dispatch (the GPU issue batches with custom kernels instead)
         self.fused = self.device.type == "cpu"
@@ -79,28 +109,9 @@ class BatchedVoice:
         finally:
             self.release(slot)
 
-    @property
-    def voices(self) -> list[str]:
-        return list(self.model.speakers)
-
-    def acquire(self, voice: str, transpose: float = 0.0) -> int:
-        slot = self.pool.take()  # its state is zeroed by the worker before the next step
-        self.set(slot, voice, transpose)
-        return slot
-
-    def release(self, slot: int) -> None:
-        self.pool.give(slot)
-
-    def set(self, slot: int, voice: str | None = None, transpose: float | None = None) -> None:
-        """Voice changes take effect at the next hop (the decoder's causal context smooths the change)."""
-        if voice is not None:
-            self._voice[slot] = self.model.speaker_id(voice)
-            self._args[slot] = None  # the decoder's speaker biases changed
-        if transpose is not None:
-            self._transpose[slot] = transpose
-
-    def voice_of(self, slot: int) -> str:
-        return self.model.speakers[int(self._voice[slot])]
+    def _changed(self, slot: int, voice: bool) -> None:
+        if voice:
+            self._args[slot] = None  # the decoder's speaker biases changed: rebuild that slot's kernel arguments
 
     @torch.inference_mode()
     def step(self, slots: list[int], hops: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .frontend import LF0_MEAN, LF0_STD
+from .batch import VoiceSlots
 from .voice import VoiceModel
 
 
@@ -156,41 +157,20 @@ class GraphStep:
             t.copy_(old)
 
 
-class GraphRunner:
+class GraphRunner(VoiceSlots):
     """The server's runner interface (see :class:`rtvc.batch.BatchedVoice`) on a :class:`GraphStep`: sessions take
     and release slots; a step fills the static buffers for the slots with a hop ready and replays the graph."""
 
     name = "voice model (batched, graph-captured)"
 
     def __init__(self, model: VoiceModel, slots: int, device: str | torch.device) -> None:
-        from .batch import SlotPool
+        super().__init__(model, slots)
         self.step_ = GraphStep(model, slots, device)
-        self.model, self.capacity = model, slots
-        self.hop, self.sample_rate, self.latency = model.cfg.model.hop_length, model.cfg.model.sample_rate, 0
-        self.voices = list(model.speakers)
-        self.pool = SlotPool(slots)
-        self._voice = [0] * slots
-        self._transpose = [0.0] * slots
         self._dirty = True
         self._active = torch.zeros(slots, dtype=torch.bool)
 
-    def acquire(self, voice: str, transpose: float = 0.0) -> int:
-        slot = self.pool.take()  # reset by the worker, between steps
-        self.set(slot, voice, transpose)
-        return slot
-
-    def release(self, slot: int) -> None:
-        self.pool.give(slot)
-
-    def set(self, slot: int, voice: str | None = None, transpose: float | None = None) -> None:
-        if voice is not None:
-            self._voice[slot] = self.model.speaker_id(voice)
-        if transpose is not None:
-            self._transpose[slot] = float(transpose)
-        self._dirty = True
-
-    def voice_of(self, slot: int) -> str:
-        return self.model.speakers[self._voice[slot]]
+    def _changed(self, slot: int, voice: bool) -> None:
+        self._dirty = True  # copied to the device buffers before the next replay
 
     def warmup(self) -> None:
         slot = self.acquire(self.voices[0])
