@@ -98,7 +98,7 @@ def bench_vocoders(device: torch.device, quick: bool) -> dict:
     mel = torch.randn(1, cfg.model.n_mels, frames, device=device)
     pitch = torch.stack([0.3 * torch.randn(1, frames, device=device), torch.ones(1, frames, device=device)], 1)
     out = {}
-    for name, model, args in (("student", Student(cfg.model.n_mels, cfg.student, cfg.model.sample_rate), (mel, pitch)),
+    for name, model, args in (("student", Student(cfg.model, cfg.student), (mel, pitch)),
                               ("pwg_paper_size_teacher", Teacher(cfg.model.n_mels, cfg.teacher), (mel,))):
         model = model.to(device).eval()
         with torch.inference_mode():

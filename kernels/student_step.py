@@ -12,6 +12,7 @@ from numba import njit
 
 from rtvc.frontend import LF0_MEAN, LF0_STD
 
+from .envelope import _hash_noise, envelope_args, envelope_synth
 from .student_layer import causal_conv_cpu as _conv
 from .student_layer import layer_cpu
 
@@ -19,14 +20,6 @@ from .student_layer import layer_cpu
 @njit(cache=True)
 def _leaky(x):  # pragma: no cover - numba
     return np.where(x > 0, x, np.float32(0.2) * x).astype(np.float32)
-
-
-@njit(cache=True)
-def _hash_noise(n):  # pragma: no cover - numba
-    x = ((n % 2147483648) * 2654435761) % 4294967296  # the same integer mix as rtvc.vocoder.hash_noise
-    x = ((x ^ (x >> 16)) * 73244475) % 4294967296
-    x = x ^ (x >> 16)
-    return np.float64(x) * (2.0 / 4294967296.0) - 1.0
 
 
 @njit(cache=True)
@@ -54,11 +47,19 @@ def excitation(pitch, source, sub):  # pragma: no cover - numba
     return src
 
 
-@njit(cache=True)
-def student_step(mel, pitch, source, cond, ups, first, layers, head, sub):  # pragma: no cover - numba
+def student_step(mel: np.ndarray, pitch: np.ndarray, synth: tuple, *net) -> np.ndarray:
     """mel [n_mels, N], pitch [2, N] (as the decoder got it) -> waveform [N * hop] (streaming; all histories,
-    the excitation's phase and counter updated in place)."""
+    the excitation's and the envelope synthesis' state updated in place). ``synth, *net``: :func:`student_args`."""
+    return _student_net(mel, pitch, envelope_synth(mel, pitch, synth), *net)
+
+
+@njit(cache=True)
+def _student_net(mel, pitch, dsp, source, cond, ups, first, layers, head, sub):  # pragma: no cover - numba
+    """The network on top of the envelope synthesis ``dsp`` [N * hop]: its output plus ``dsp``."""
     src = excitation(pitch, source, sub)
+    folded = np.empty((sub, dsp.shape[0] // sub), np.float32)
+    for t in range(dsp.shape[0]):
+        folded[t % sub, t // sub] = dsp[t]
     none = np.empty((0, 1), np.float32)
     cw, cb, cp = cond
     c = _leaky(_conv(mel, cp, cw, cb, 2, 1, none[:, :0]))
@@ -71,7 +72,7 @@ def student_step(mel, pitch, source, cond, ups, first, layers, head, sub):  # pr
                 rep[:, t * f + r] = c[:, t]
         c = _leaky(_conv(rep, ups_[i], uws[i], ubs[i], 3, 1, none[:, :0]))
     fw, fb, fp = first
-    x = _conv(np.concatenate((c, src)), fp, fw, fb, 1, 1, none[:, :0])
+    x = _conv(np.concatenate((c, src, folded)), fp, fw, fb, 1, 1, none[:, :0])
     skips = np.zeros_like(x)
     lws, lbs, lps, dils, ks, rws, rbs, sws = layers
     for i in range(len(lws)):  # the same per-layer code as the rtvc::student_layer CPU op
@@ -80,7 +81,7 @@ def student_step(mel, pitch, source, cond, ups, first, layers, head, sub):  # pr
     y = _conv(_leaky(_conv(_leaky(skips), p1, w1, b1, 1, 1, none[:, :0])), p2, w2, b2, 1, 1, none[:, :0])
     out = np.empty(y.shape[1] * sub, np.float32)
     for t in range(y.shape[1]):  # sub-pixel: step t emits samples t*sub .. t*sub+sub-1
-        out[t * sub:(t + 1) * sub] = y[:, t]
+        out[t * sub:(t + 1) * sub] = y[:, t] + dsp[t * sub:(t + 1) * sub]
     return out
 
 
@@ -103,6 +104,6 @@ def student_args(student, slot: int = 0) -> tuple:
     ex = student.source
     source = (ex._state.phase[slot:slot + 1].numpy(), ex._state.count[slot:slot + 1].numpy(), float(ex.rate), ex.hop,
               ex.harmonics, LF0_MEAN, LF0_STD)
-    return (source, conv(student.cond), (tuple(u[0] for u in ups), tuple(u[1] for u in ups), tuple(u[2] for u in ups), factors),
+    return (envelope_args(student.synth, slot), source, conv(student.cond), (tuple(u[0] for u in ups), tuple(u[1] for u in ups), tuple(u[2] for u in ups), factors),
             conv(student.first), (lw, lb, lp, dils, ks, rw, rb, sw), (*conv(student.head1), *conv(student.head2)),
             student.sub)

@@ -100,6 +100,7 @@ class ModelConfig:
     f0_min: float
     f0_max: float
     yin_threshold: float
+    yin_voicing_threshold: float
 
     def __post_init__(self) -> None:
         _check(8000 <= self.sample_rate <= 96000, f"model.sample_rate={self.sample_rate} must be in 8000..96000")
@@ -115,6 +116,8 @@ class ModelConfig:
                f"model.win_length={self.win_length} is shorter than two periods of f0_min={self.f0_min} Hz "
                f"({2 * self.sample_rate / self.f0_min:g} samples): the pitch tracker cannot see it")
         _check(0 < self.yin_threshold < 1, "model.yin_threshold must be in 0..1")
+        _check(self.yin_threshold <= self.yin_voicing_threshold < 1,
+               "model.yin_voicing_threshold must be in model.yin_threshold..1")
 
     @property
     def hop_ms(self) -> float:
@@ -170,12 +173,20 @@ class StudentConfig:
     kernel_size: int
     upsample_factors: tuple[int, ...]
     harmonics: int
+    envelope_harmonics: int
+    voiced_noise: float
+    harmonic_below_hz: float
+    noise_above_hz: float
 
     def __post_init__(self) -> None:
         _check(self.layers >= 1 and self.stacks >= 1 and self.layers % self.stacks == 0,
                f"student.layers={self.layers} must be a positive multiple of student.stacks={self.stacks}")
         _check(self.kernel_size >= 2, "student.kernel_size must be >= 2")
         _check(self.harmonics >= 1, "student.harmonics must be >= 1")
+        _check(self.envelope_harmonics >= 1, "student.envelope_harmonics must be >= 1")
+        _check(0.0 <= self.voiced_noise <= 1.0, "student.voiced_noise must be in 0..1")
+        _check(0.0 <= self.harmonic_below_hz < self.noise_above_hz,
+               "student.harmonic_below_hz must be >= 0 and below student.noise_above_hz")
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ class Frontend(StreamingModule):
 # ------------------------------------------------------------------------------------------------ pitch
 
 @njit(cache=True)
-def _yin(frames, sr, fmin, fmax, threshold, dec, f0, voiced):  # pragma: no cover - numba
+def _yin(frames, sr, fmin, fmax, threshold, loose, dec, f0, voiced):  # pragma: no cover - numba
     n, w = frames.shape
     m = w // dec
     x = np.empty(m, np.float64)
@@ -117,8 +117,14 @@ def _yin(frames, sr, fmin, fmax, threshold, dec, f0, voiced):  # pragma: no cove
                     tau += 1
                 best = tau
                 break
-        if best < 0:
-            continue
+        if best < 0:  # no dip below the strict threshold: the global minimum, if periodic enough
+            g = tau_min
+            for tau in range(tau_min + 1, tau_max):
+                if d[tau] < d[g]:
+                    g = tau
+            if d[g] >= loose:
+                continue
+            best = g
         # parabolic interpolation of the dip
         a, b, c = d[best - 1], d[best], d[best + 1]
         den = a - 2 * b + c
@@ -133,7 +139,8 @@ def yin(frames: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     n = frames.shape[0]
     f0, voiced = np.zeros(n, np.float64), np.zeros(n, np.bool_)
     dec = max(1, cfg.sample_rate // 12000)
-    _yin(frames, float(cfg.sample_rate), cfg.f0_min, cfg.f0_max, cfg.yin_threshold, dec, f0, voiced)
+    _yin(frames, float(cfg.sample_rate), cfg.f0_min, cfg.f0_max, cfg.yin_threshold, cfg.yin_voicing_threshold, dec,
+         f0, voiced)
     return f0.astype(np.float32), voiced
 
 

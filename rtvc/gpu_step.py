@@ -23,7 +23,8 @@ from .batch import VoiceSlots
 from .voice import VoiceModel
 
 
-def yin_torch(frames: torch.Tensor, sr: int, fmin: float, fmax: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def yin_torch(frames: torch.Tensor, sr: int, fmin: float, fmax: float, threshold: float,
+              loose: float) -> tuple[torch.Tensor, torch.Tensor]:
     """frames [N, win] -> (f0 Hz [N] float64, voiced [N] bool); same decisions as :func:`rtvc.frontend.yin`."""
     dec = max(1, sr // 12000)
     x = frames.double()
@@ -47,11 +48,15 @@ def yin_torch(frames: torch.Tensor, sr: int, fmin: float, fmax: float, threshold
     nxt = torch.cat([cmnd[:, 1:], torch.full_like(cmnd[:, :1], math.inf)], dim=1)
     stop = ((nxt >= cmnd) | (idx + 1 >= tau_max)) & (idx >= first[:, None])
     best = torch.argmax(stop.int(), dim=1).clamp(min=1, max=tau_max - 1)
+    # no dip below the strict threshold: the global minimum, voiced if below the loose one
+    g = torch.argmin(torch.where((idx >= tau_min) & (idx < tau_max), cmnd, math.inf), dim=1)
+    periodic = found | (cmnd.gather(1, g[:, None])[:, 0] < loose)
+    best = torch.where(found, best, g).clamp(min=1, max=tau_max - 1)
     a, b, c = (cmnd.gather(1, (best + o)[:, None])[:, 0] for o in (-1, 0, 1))
     den = a - 2 * b + c
     shift = torch.where(den > 0, 0.5 * (a - c) / torch.where(den > 0, den, 1.0), torch.zeros_like(den))
     energy = (x * x).mean(1)
-    voiced = found & (energy >= 1e-7)
+    voiced = periodic & (energy >= 1e-7)
     return torch.where(voiced, rate / (best + shift), torch.zeros_like(shift)), voiced
 
 
@@ -99,7 +104,8 @@ class GraphStep:
         m, cfg = self.model, self.cfg
         saved = [t.clone() for t in self.states]
         mel, frames = m.frontend(self.inp)                                   # [S, n_mels, 1], [S, 1, win]
-        f0, voiced = yin_torch(frames[:, 0], cfg.sample_rate, cfg.f0_min, cfg.f0_max, cfg.yin_threshold)
+        f0, voiced = yin_torch(frames[:, 0], cfg.sample_rate, cfg.f0_min, cfg.f0_max, cfg.yin_threshold,
+                                  cfg.yin_voicing_threshold)
         # running source statistics -> target range (+ transpose), as in rtvc.frontend.PitchMapper
         lf = torch.log(torch.where(voiced, f0, torch.ones_like(f0)))
         seen = self.p_seen + voiced.double()

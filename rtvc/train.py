@@ -265,7 +265,10 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
     teacher = (_load_stage("teacher", ckpt_dir, lambda c: Teacher(c.model.n_mels, c.teacher), d.device)
                if distill or (ckpt_dir / "teacher.pt").is_file() else None)
     vqvae = _load_stage("vqvae", ckpt_dir, lambda c: VQVAE(c.model.n_mels, n_spk, c.vqvae), d.device)
-    student = r.add("student", Student(cfg.model.n_mels, cfg.student, cfg.model.sample_rate))
+    student = r.add("student", Student(cfg.model, cfg.student))
+    # the envelope synthesis reads absolute power from the normalised mels: corpus statistics, saved with the student
+    student.synth.mel_mean.copy_(torch.from_numpy(r.corpus.mel_mean))
+    student.synth.mel_std.copy_(torch.from_numpy(r.corpus.mel_std))
     disc = r.wrap(r.add("disc", Discriminator()))
     r.resume()
     net, opt = r.wrap(student), r.optims["student"]
@@ -358,7 +361,7 @@ def _save_sample(r: StageRunner, b: dict, model: VQVAE) -> None:
 
 def _vocode(r: StageRunner, mel: torch.Tensor, pitch: torch.Tensor) -> np.ndarray:
     """mel [n_mels, N], pitch [2, N] -> wav: the student when trained, else the teacher, else Griffin-Lim."""
-    for stage, build in (("student", lambda c: Student(c.model.n_mels, c.student, c.model.sample_rate)),
+    for stage, build in (("student", lambda c: Student(c.model, c.student)),
                          ("teacher", lambda c: Teacher(c.model.n_mels, c.teacher))):
         if (r.ckpt_dir / f"{stage}.pt").is_file():
             try:

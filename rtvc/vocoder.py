@@ -19,8 +19,8 @@ from torch import nn
 
 from dataclasses import dataclass
 
-from .config import StudentConfig, TeacherConfig, TrainConfig
-from .frontend import LF0_MEAN, LF0_STD
+from .config import ModelConfig, StudentConfig, TeacherConfig, TrainConfig
+from .envelope import EnvelopeSynth, hash_noise, pitch_to_f0, run_phase
 from .streaming import CausalConv1d, StreamingModule, gemm, receptive_field
 
 
@@ -87,15 +87,6 @@ class ExcitationState:
     count: torch.Tensor
 
 
-def hash_noise(n: torch.Tensor) -> torch.Tensor:
-    """Uniform noise in [-1, 1) as a pure function of the sample counter ``n`` (int64, any shape): the same
-    sequence offline and in any chunking, no generator state (a 32-bit integer mix; period 2^31 samples)."""
-    x = ((n % 2147483648) * 2654435761) % 4294967296
-    x = ((x ^ (x >> 16)) * 73244475) % 4294967296
-    x = x ^ (x >> 16)
-    return x.double() * (2.0 / 4294967296.0) - 1.0
-
-
 class Excitation(StreamingModule):
     """Source signal for the student, folded to its step rate: pitch [B, 2, N] (normalised held log-F0 and
     voicing, as the decoder gets it) -> [B, (harmonics + 1) * sub, N * hop / sub]. Channel ``j * sub + r`` at step
@@ -114,23 +105,24 @@ class Excitation(StreamingModule):
 
     def forward(self, pitch: torch.Tensor) -> torch.Tensor:
         b, _, n = pitch.shape
-        voiced = pitch[:, 1] > 0.5
-        f0 = torch.where(voiced, torch.exp(pitch[:, 0].double() * LF0_STD + LF0_MEAN), torch.zeros_like(pitch[:, 0], dtype=torch.float64))
-        f0 = f0.repeat_interleave(self.hop, dim=1)                                           # [B, T]
-        inc = f0 * (2.0 * math.pi / self.rate)
-        start = self._state.phase[:, None] if self._state is not None else inc.new_zeros(b, 1)
-        phase = start + torch.cumsum(inc, dim=1) - inc                # phase of sample t: before its increment
+        f0 = pitch_to_f0(pitch)                                                              # [B, N]
+        phase = run_phase(f0, self.hop, self.rate, self._state)                              # [B, T]
+        f0 = f0.repeat_interleave(self.hop, dim=1)
         n0 = self._state.count[:, None] if self._state is not None else torch.zeros(b, 1, dtype=torch.int64, device=pitch.device)
         idx = n0 + torch.arange(f0.shape[1], device=pitch.device)[None]
         if self._state is not None:
-            self._state.phase.copy_(torch.remainder(phase[:, -1] + inc[:, -1], 2.0 * math.pi))
             self._state.count.add_(f0.shape[1])
         k = self.k[None, :, None]
         audible = (f0[:, None] > 0) & (k * f0[:, None] < 0.475 * self.rate)  # voiced, below 0.95 Nyquist
         sines = torch.sin(k * phase[:, None]) * audible                                    # [B, H, T]
         src = torch.cat([sines, hash_noise(idx)[:, None]], dim=1).to(pitch.dtype)        # [B, H+1, T]
-        t = src.shape[2] // self.sub
-        return src.reshape(b, -1, t, self.sub).transpose(2, 3).reshape(b, -1, t)           # sub-pixel fold
+        return fold(src, self.sub)
+
+
+def fold(x: torch.Tensor, sub: int) -> torch.Tensor:
+    """[B, C, T] -> [B, C*sub, T/sub]: channel ``j*sub + r`` at step t holds sample ``t*sub + r`` of channel j."""
+    b, _, t = x.shape
+    return x.reshape(b, -1, t // sub, sub).transpose(2, 3).reshape(b, -1, t // sub)
 
 class _StudentLayer(StreamingModule):
     """Causal gated layer: GLU(dilated conv(x) + aux(c)) -> residual and skip 1x1.
@@ -176,19 +168,23 @@ class Student(StreamingModule):
     """Causal streaming vocoder. mel [B, n_mels, N] + pitch [B, 2, N] -> wav [B, 1, N*hop]; ``hop`` samples per
     mel frame."""
 
-    def __init__(self, n_mels: int, cfg: StudentConfig, sample_rate: int) -> None:
+    def __init__(self, mcfg: ModelConfig, cfg: StudentConfig) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, n_mels, sample_rate = cfg, mcfg.n_mels, mcfg.sample_rate
         *ups, self.sub = cfg.upsample_factors
         a, ch = cfg.aux_channels, cfg.residual_channels
         self.cond = CausalConv1d(n_mels, a, 2)
         self.ups = nn.ModuleList(CausalConv1d(a, a, 3) for _ in ups)
         self.source = Excitation(sample_rate, math.prod(cfg.upsample_factors), self.sub, cfg.harmonics)
-        self.first = CausalConv1d(a + (cfg.harmonics + 1) * self.sub, ch, 1)  # conditioning ++ folded excitation
+        self.synth = EnvelopeSynth(mcfg, cfg)
+        # conditioning ++ folded excitation ++ folded envelope synthesis
+        self.first = CausalConv1d(a + (cfg.harmonics + 2) * self.sub, ch, 1)
         per = cfg.layers // cfg.stacks
         self.layers = nn.ModuleList(_StudentLayer(ch, a, cfg.kernel_size, 2 ** (i % per)) for i in range(cfg.layers))
         self.head1 = CausalConv1d(ch, ch, 1)
         self.head2 = CausalConv1d(ch, self.sub, 1)
+        nn.init.zeros_(self.head2.weight)  # the network starts as a pure residual on the envelope synthesis
+        nn.init.zeros_(self.head2.bias)
 
     @property
     def receptive_field(self) -> int:
@@ -199,12 +195,13 @@ class Student(StreamingModule):
         c = F.leaky_relu(self.cond(mel), 0.2)
         for f, conv in zip(self.cfg.upsample_factors, self.ups):
             c = F.leaky_relu(conv(c.repeat_interleave(f, dim=2)), 0.2)
-        x = self.first(torch.cat([c, self.source(pitch)], dim=1))
+        dsp = self.synth(mel, pitch)                                                          # [B, 1, T]
+        x = self.first(torch.cat([c, self.source(pitch), fold(dsp, self.sub)], dim=1))
         skips = torch.zeros_like(x)
         for layer in self.layers:
             x = layer(x, c, skips)
         y = self.head2(F.leaky_relu(self.head1(F.leaky_relu(skips, 0.2)), 0.2))  # [B, sub, T/sub]
-        return y.transpose(1, 2).reshape(y.shape[0], 1, -1)  # sub-pixel: step t emits samples t*sub .. t*sub+sub-1
+        return y.transpose(1, 2).reshape(y.shape[0], 1, -1) + dsp  # sub-pixel: step t emits samples t*sub .. +sub-1
 
 
 # ------------------------------------------------------------------------------------------ discriminator

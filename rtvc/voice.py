@@ -45,7 +45,7 @@ class VoiceModel(StreamingModule):
         self.cfg, self.speakers, self.pitch, self.prior = cfg, list(speakers), dict(pitch), prior
         self.frontend = Frontend(cfg.model)
         self.vqvae = VQVAE(cfg.model.n_mels, len(speakers), cfg.vqvae)
-        self.student = Student(cfg.model.n_mels, cfg.student, cfg.model.sample_rate)
+        self.student = Student(cfg.model, cfg.student)
 
     def speaker_id(self, name: str) -> int:
         if name not in self.speakers:

@@ -24,7 +24,8 @@ def test_yin_torch_matches_numba(seed):
     x = x + 0.002 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     frames = Frontend(CFG.model).frames(x[None])[0]
     f0, voiced = yin(frames.numpy(), CFG.model)
-    f0_t, voiced_t = yin_torch(frames, 24000, CFG.model.f0_min, CFG.model.f0_max, CFG.model.yin_threshold)
+    f0_t, voiced_t = yin_torch(frames, 24000, CFG.model.f0_min, CFG.model.f0_max, CFG.model.yin_threshold,
+                               CFG.model.yin_voicing_threshold)
     assert np.array_equal(voiced, voiced_t.numpy()) and voiced.sum() > 20
     np.testing.assert_allclose(f0_t.numpy(), f0, rtol=1e-5, atol=1e-3)
 
@@ -81,5 +82,6 @@ def test_graph_runner_serves_like_batched_voice():
             gr.set(sg, "a")
             bv.set(sb, "a")
         h = x[None, k * hop:(k + 1) * hop]
-        np.testing.assert_allclose(gr.step([sg], h), bv.step([sb], h), atol=1e-4)
+        # 3e-4: the envelope synthesis' noise FFT is float64 in numpy (BatchedVoice), float32 in torch (GraphRunner)
+        np.testing.assert_allclose(gr.step([sg], h), bv.step([sb], h), atol=3e-4)
     assert gr.voice_of(sg) == "a"

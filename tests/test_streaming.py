@@ -75,7 +75,7 @@ def test_encoder_decoder_student(seed):
     c, n = CFG.vqvae, CFG.model.n_mels
     mel = torch.randn(1, n, 30)
     enc, dec = Encoder(n, c).eval(), Decoder(n, c).eval()
-    stu = Student(n, CFG.student, CFG.model.sample_rate).eval()
+    stu = Student(CFG.model, CFG.student).eval()
     with torch.no_grad():
         assert (_stream(enc, enc, mel, rng) - enc(mel)).abs().max() <= TOL
         q, spk, pitch = torch.randn(1, c.code_dim, 30), torch.randn(1, c.speaker_dim), torch.randn(1, 2, 30)
@@ -148,7 +148,7 @@ def test_modules_are_causal(module):
             spk, p = torch.randn(1, c.speaker_dim), torch.zeros(1, 2, 40)
             a, b, unit = m(mel[:, : c.code_dim], spk, p), m(mel2[:, : c.code_dim], spk, p), 1
         elif module == "student":
-            m = Student(n, CFG.student, CFG.model.sample_rate)
+            m = Student(CFG.model, CFG.student)
             p = torch.stack([torch.zeros(1, 40), torch.ones(1, 40)], 1)
             a, b, unit = m(mel, p), m(mel2, p), CFG.model.hop_length
         else:
@@ -229,3 +229,61 @@ def test_excitation_source():
     with ex.streaming(1):  # chunked == offline, incl. the phase and the counter
         parts = [ex(pitch[..., a:b]) for a, b in ((0, 1), (1, 3), (3, 4))]
     assert (torch.cat(parts, -1) - e).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["voiced", "noise"])
+def test_envelope_synthesis_reproduces_the_mel(kind):
+    """The student's DSP half: a signal synthesised from a mel (+ its pitch), analysed again, has that mel: the
+    harmonic and noise calibrations against the frontend's periodogram (log power, mean over frames 5..)."""
+    from rtvc.envelope import EnvelopeSynth
+    from rtvc.frontend import Frontend, lf0_features, yin
+    rate, hop = CFG.model.sample_rate, CFG.model.hop_length
+    fe, synth = Frontend(CFG.model), EnvelopeSynth(CFG.model, CFG.student)
+    if kind == "voiced":
+        x = torch.from_numpy(_speech_like(1.0, rate, 3))[None]
+    else:  # coloured noise: a resonance at 1.5 kHz over a tilt
+        g = torch.Generator().manual_seed(3)
+        w = torch.randn(1, rate, generator=g)
+        x = 0.05 * torch.from_numpy(scipy_lfilter(w[0].numpy(), rate)).float()[None]
+    x = x[:, : x.shape[1] // hop * hop]
+    with torch.no_grad():
+        mel, fr = fe(x)
+        f0, voiced = yin(fr[0].numpy(), CFG.model)
+        voiced &= kind == "voiced"  # the noise is synthesised as unvoiced (its resonance may look periodic)
+        pitch, _ = lf0_features(f0, voiced)
+        y = synth(mel, torch.from_numpy(pitch)[None])[:, 0]
+        mel_y, _ = fe(y)
+    if kind == "voiced":
+        keep = torch.from_numpy(voiced)[10:]
+        assert keep.float().mean() > 0.5
+    else:
+        keep = torch.ones(mel.shape[2] - 10, dtype=torch.bool)
+    diff = (mel_y - mel)[0, :, 10:][:, keep]                      # [n_mels, frames]: log power error
+    bands = diff.reshape(8, 10, -1).mean((1, 2))                  # 8 groups of 10 mel bands
+    assert bands.abs().max() < 0.8, bands                          # within ~3.5 dB per band group
+    assert diff.mean().abs() < 0.4, diff.mean()
+
+
+def scipy_lfilter(w: np.ndarray, rate: int) -> np.ndarray:
+    from scipy.signal import lfilter
+    r, th = 0.97, 2 * np.pi * 1500 / rate
+    y = lfilter([1.0], [1.0, -2 * r * np.cos(th), r * r], w)
+    return lfilter([1.0], [1.0, -0.5], y)
+
+
+def test_yin_voicing_rule():
+    """A rough voice (a 130 Hz tone in noise at -3 dB SNR: normalised difference ~0.3 at the period) is voiced by the
+    loose global-minimum rule, with the right F0, and not by YIN's strict first dip alone; white noise is not."""
+    from rtvc.frontend import Frontend, yin
+    rng = np.random.default_rng(0)
+    t = np.arange(24000) / 24000
+    fe = Frontend(CFG.model)
+    strict = CFG.replace(**{"model.yin_voicing_threshold": CFG.model.yin_threshold}).model
+    for x, want in ((np.sin(2 * np.pi * 130 * t) + 0.7 * rng.standard_normal(t.shape), True),
+                    (rng.standard_normal(t.shape), False)):
+        fr = fe.frames(torch.from_numpy(x.astype(np.float32))[None])[0].numpy()
+        f0, v = yin(fr, CFG.model)
+        assert v[5:].all() if want else not v[5:].any()
+        assert not yin(fr, strict)[1][5:].any()
+        if want:
+            assert abs(np.median(f0[5:]) - 130) < 6

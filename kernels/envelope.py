@@ -1,0 +1,105 @@
+"""Fused CPU streaming step of :class:`rtvc.envelope.EnvelopeSynth` (numba) for one stream, on the module's own
+streaming state (views), so the torch and numba paths can alternate mid-stream.
+
+The torch module evaluates sin(k * phase) for every harmonic; here the harmonics come from the Chebyshev
+recurrence sin((k+1)p) = 2 cos(p) sin(kp) - sin((k-1)p) (one multiply-add each, float64) and stop at the highest
+harmonic that sounds in either of the two frames a hop interpolates between. The noise blocks use numpy's FFT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def _hash_noise(n):  # pragma: no cover - numba
+    x = ((n % 2147483648) * 2654435761) % 4294967296  # the same integer mix as rtvc.vocoder.hash_noise
+    x = ((x ^ (x >> 16)) * 73244475) % 4294967296
+    x = x ^ (x >> 16)
+    return np.float64(x) * (2.0 / 4294967296.0) - 1.0
+
+
+
+@njit(cache=True)
+def _harmonics(env, pitch, amp_prev, phase, share, rate, hop, df, w2, lf0_mean, lf0_std):  # pragma: no cover
+    """Harmonic part for one stream: env [G, N] log envelope -> [N * hop] float32 and voicing [N];
+    ``amp_prev`` [K] and ``phase`` [1] advance in place."""
+    g_n, n = env.shape
+    K = amp_prev.shape[0]
+    out = np.zeros(n * hop, np.float32)
+    voiced_out = np.zeros(n, np.float32)
+    amp = np.empty(K, np.float32)
+    ph = phase[0]
+    for i in range(n):
+        voiced = pitch[1, i] > 0.5
+        voiced_out[i] = np.float32(voiced)
+        f0 = math.exp(np.float64(pitch[0, i]) * lf0_std + lf0_mean) if voiced else 0.0
+        f0f = np.float32(f0)
+        top = 0
+        for k in range(K):
+            fk = np.float32((k + 1) * f0)
+            pos = min(fk / np.float32(df), np.float32(g_n - 1.001))
+            i0 = int(pos)
+            frac = pos - np.float32(i0)
+            lp = env[i0, i] * (np.float32(1.0) - frac) + env[i0 + 1, i] * frac
+            sh = share[i0] if fk < 0.475 * rate else np.float32(0.0)
+            amp[k] = np.sqrt(np.float32(4.0) * np.exp(lp) * f0f / np.float32(rate * w2) * sh)
+            if amp[k] > 0 or amp_prev[k] > 0:
+                top = k + 1
+        inc = f0 * (2.0 * np.pi / rate)
+        for j in range(hop):
+            r = np.float32((j + 1) / hop)
+            p = ph % (2.0 * np.pi)
+            c2 = 2.0 * math.cos(p)
+            s_prev, s_cur = 0.0, math.sin(p)
+            acc = 0.0
+            for k in range(top):  # sin((k+1) p) by the Chebyshev recurrence
+                acc += (amp_prev[k] + (amp[k] - amp_prev[k]) * r) * s_cur
+                s_prev, s_cur = s_cur, c2 * s_cur - s_prev
+            out[i * hop + j] = np.float32(acc)
+            ph += inc
+        amp_prev[:] = amp
+    phase[0] = ph % (2.0 * np.pi)
+    return out, voiced_out
+
+
+@njit(cache=True)
+def _noise(c0, length, seed):  # pragma: no cover - numba
+    u = np.empty(length, np.float32)
+    for s in range(length):
+        u[s] = np.float32(_hash_noise(c0 + s + seed))
+    return u
+
+
+def envelope_synth(mel: np.ndarray, pitch: np.ndarray, synth: tuple) -> np.ndarray:
+    """mel [n_mels, N] (normalised), pitch [2, N] -> [N * hop] float32; the state views in ``synth`` advance.
+    Harmonics in numba; the noise blocks' FFTs in numpy (numba has none)."""
+    (phase, count, amp_prev, tail, interp, log_weight, mel_mean, mel_std, share, window,
+     rate, hop, df, w2, lf0_mean, lf0_std, seed) = synth
+    n = mel.shape[1]
+    env = interp @ (mel * mel_std[:, None] + mel_mean[:, None] - log_weight[:, None])    # [G, N]
+    harm, voiced = _harmonics(env, pitch, amp_prev, phase, share, rate, hop, df, w2, lf0_mean, lf0_std)
+    gain = np.sqrt(np.float32(3.0) * np.exp(env) * (1.0 - share[:, None] * voiced[None]) / np.float32(w2))
+    u = _noise(count[0], (n + 1) * hop, seed)
+    blocks = np.lib.stride_tricks.sliding_window_view(u, 2 * hop)[::hop]                  # [N, 2*hop]
+    blocks = np.fft.irfft(np.fft.rfft(blocks) * gain.T, n=2 * hop).astype(np.float32) * window
+    noise = blocks[:, :hop].copy()
+    noise[0] += tail
+    noise[1:] += blocks[:-1, hop:]
+    tail[:] = blocks[-1, hop:]
+    count[0] += n * hop
+    return harm + noise.reshape(-1)
+
+
+def envelope_args(synth, slot: int = 0) -> tuple:
+    """Arguments bound to a streaming :class:`rtvc.envelope.EnvelopeSynth` (constants + views of slot ``slot``)."""
+    from rtvc.envelope import NOISE_SEED
+    from rtvc.frontend import LF0_MEAN, LF0_STD
+    st = synth._state
+    return (st.phase[slot:slot + 1].numpy(), st.count[slot:slot + 1].numpy(), st.amp[slot].numpy(), st.tail[slot].numpy(),
+            synth.interp.numpy(), synth.log_weight.numpy(), synth.mel_mean.numpy(), synth.mel_std.numpy(),
+            synth.share.numpy(), synth.block_window.numpy(), float(synth.rate), synth.hop, float(synth.df),
+            float(synth.w2), LF0_MEAN, LF0_STD, NOISE_SEED)
