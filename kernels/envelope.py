@@ -16,11 +16,10 @@ from numba import njit
 
 @njit(cache=True)
 def _hash_noise(n):  # pragma: no cover - numba
-    x = ((n % 2147483648) * 2654435761) % 4294967296  # the same integer mix as rtvc.vocoder.hash_noise
+    x = ((n % 2147483648) * 2654435761) % 4294967296  # the same integer mix as rtvc.envelope.hash_noise
     x = ((x ^ (x >> 16)) * 73244475) % 4294967296
     x = x ^ (x >> 16)
     return np.float64(x) * (2.0 / 4294967296.0) - 1.0
-
 
 
 @njit(cache=True)
