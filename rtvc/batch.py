@@ -8,13 +8,12 @@ disturb the others. Per-slot pitch mapping (numpy) and target voice / transpose 
 
 from __future__ import annotations
 
-import copy
 import threading
 
 import numpy as np
 import torch
 
-from .frontend import PitchMapper, lf0_features, yin
+from .frontend import SourcePitch
 from .voice import VoiceModel, fused_frame_args
 
 
@@ -92,9 +91,7 @@ class BatchedVoice(VoiceSlots):
         self.cfg = model.cfg
         self.name = "voice model (batched)"
         self.model.start_streaming(slots)
-        mapper = PitchMapper(model.prior)
-        self._mapper = [copy.deepcopy(mapper) for _ in range(slots)]
-        self._held = np.zeros(slots)
+        self._pitch = [SourcePitch(model.cfg.model, model.prior) for _ in range(slots)]
         # CPU: per-slot fused numba kernels on views of each slot's state beat a batched torch step, whose cost
         # at these sizes is op dispatch (the GPU issue batches with custom kernels instead)
         self.fused = self.device.type == "cpu"
@@ -121,8 +118,7 @@ class BatchedVoice(VoiceSlots):
         if fresh:
             m.reset_streaming(fresh)
             for s in fresh:
-                self._mapper[s].reset()
-                self._held[s] = 0.0
+                self._pitch[s].reset()
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         wav = torch.from_numpy(np.ascontiguousarray(hops, dtype=np.float32)).to(self.device)
         with m.frontend.slots(idx):
@@ -130,9 +126,7 @@ class BatchedVoice(VoiceSlots):
         fr = frames.float().cpu().numpy()  # [n, 1, win]
         pitch = np.zeros((len(slots), 2, fr.shape[1]), np.float32)
         for i, s in enumerate(slots):
-            f0, voiced = yin(fr[i], self.cfg.model)
-            f0 = self._mapper[s](f0, voiced, m.pitch.get(self.voice_of(s), m.prior), float(self._transpose[s]))
-            pitch[i], self._held[s] = lf0_features(f0, voiced, float(self._held[s]))
+            pitch[i] = self._pitch[s](fr[i], m.pitch.get(self.voice_of(s), m.prior), float(self._transpose[s]))
         if self.fused:
             return self._step_fused(slots, mel.numpy(), pitch)
         with m.slots(idx):

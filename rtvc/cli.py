@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", help="prepared cache folder (default: <paths.data_dir>/cache)")
     tr.add_argument("--steps", type=int, help="total steps for this stage (default: train.<stage>_steps)")
     tr.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+    tr.add_argument("--finetune", action="store_true",
+                    help="continue from the checkpoint even though [model] changed (e.g. pitch tracker settings)")
 
     ex = sub.add_parser("export", help="bundle vqvae.pt + student.pt into one voice model file")
     ex.add_argument("--out", help="output file (default: <paths.checkpoint_dir>/model.pt)")
@@ -250,7 +252,7 @@ def _cmd_train(cfg: Config, a: argparse.Namespace) -> int:
     ckpt = Path(cfg.paths.checkpoint_dir)
     if a.restart and (ckpt / f"{a.stage}.pt").is_file():
         (ckpt / f"{a.stage}.pt").unlink()
-    path = TRAINERS[a.stage](cfg, _data_dir(cfg, a.data, "cache"), ckpt, a.steps)
+    path = TRAINERS[a.stage](cfg, _data_dir(cfg, a.data, "cache"), ckpt, a.steps, finetune=a.finetune)
     print(f"checkpoint: {path}")
     if a.stage == "student":
         print(f"voice model: {ckpt / 'model.pt'} (use it with --set paths.model={ckpt / 'model.pt'})")

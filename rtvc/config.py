@@ -101,6 +101,9 @@ class ModelConfig:
     f0_max: float
     yin_threshold: float
     yin_voicing_threshold: float
+    yin_max_jump: float
+    yin_hold_frames: int
+    yin_confirm_frames: int
 
     def __post_init__(self) -> None:
         _check(8000 <= self.sample_rate <= 96000, f"model.sample_rate={self.sample_rate} must be in 8000..96000")
@@ -118,6 +121,9 @@ class ModelConfig:
         _check(0 < self.yin_threshold < 1, "model.yin_threshold must be in 0..1")
         _check(self.yin_threshold <= self.yin_voicing_threshold < 1,
                "model.yin_voicing_threshold must be in model.yin_threshold..1")
+        _check(0 < self.yin_max_jump <= 1.0, "model.yin_max_jump must be in 0..1 (natural-log ratio per frame)")
+        _check(self.yin_hold_frames >= 1, "model.yin_hold_frames must be >= 1")
+        _check(self.yin_confirm_frames >= 1, "model.yin_confirm_frames must be >= 1")
 
     @property
     def hop_ms(self) -> float:
@@ -227,12 +233,14 @@ class TrainConfig:
     validate_every: int
     checkpoint_every: int
     num_workers: int
+    formant_warp: float
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "segment_hops", "vocoder_segment_hops", "vqvae_steps", "teacher_steps",
                     "student_steps", "validate_every", "checkpoint_every"):
             _check(getattr(self, key) >= 1, f"train.{key} must be >= 1")
         _check(self.learning_rate > 0, "train.learning_rate must be > 0")
+        _check(0 <= self.formant_warp < 0.5, "train.formant_warp must be in 0..0.5")
         _check(self.student_target in ("teacher", "audio"), 'train.student_target must be "teacher" or "audio"')
         _check(self.num_workers >= 0 and self.adversarial_start >= 0 and self.student_finetune_steps >= 0,
                "train.num_workers, adversarial_start and student_finetune_steps must be >= 0")

@@ -18,20 +18,23 @@ import math
 import numpy as np
 import torch
 
+from .config import ModelConfig
 from .frontend import LF0_MEAN, LF0_STD
 from .batch import VoiceSlots
 from .voice import VoiceModel
 
 
-def yin_torch(frames: torch.Tensor, sr: int, fmin: float, fmax: float, threshold: float,
-              loose: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """frames [N, win] -> (f0 Hz [N] float64, voiced [N] bool); same decisions as :func:`rtvc.frontend.yin`."""
+def yin_torch(frames: torch.Tensor, cfg: ModelConfig, track: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """frames [N, win] -> (f0 Hz [N] float64, voiced [N] bool): one frame of each of N streams, each with its
+    tracker state in ``track`` [N, 4] float64 (tracked period, frames since voiced, onset candidate period and
+    count), updated in place; the same decisions as :func:`rtvc.frontend.yin` (numba), vectorised over streams."""
+    sr = cfg.sample_rate
     dec = max(1, sr // 12000)
     x = frames.double()
     m = x.shape[1] // dec
     x = x[:, : m * dec].reshape(x.shape[0], m, dec).mean(2)
     rate = sr / dec
-    tau_min, tau_max = max(2, int(rate / fmax)), min(m // 2, int(math.ceil(rate / fmin)))
+    tau_min, tau_max = max(2, int(rate / cfg.f0_max)), min(m // 2, int(math.ceil(rate / cfg.f0_min)))
     wi = m - tau_max
     win = x.unfold(1, wi, 1)[:, : tau_max + 1]               # [N, tau_max+1, wi]: x[j + tau], j < wi
     diff = win[:, :1] - win                                   # x_j - x_{j+tau}
@@ -41,23 +44,43 @@ def yin_torch(frames: torch.Tensor, sr: int, fmin: float, fmax: float, threshold
     cmnd = torch.where(run > 0, d[:, 1:] * taus / torch.where(run > 0, run, 1.0), torch.ones_like(run))
     cmnd = torch.cat([torch.ones_like(cmnd[:, :1]), cmnd], dim=1)  # index = tau
     idx = torch.arange(tau_max + 1, device=x.device)
-    below = (cmnd < threshold) & (idx >= tau_min) & (idx < tau_max)
+    search = (idx >= tau_min) & (idx < tau_max)
+    # onset: YIN's rule, the first dip below the strict threshold, descended to its local minimum
+    below = (cmnd < cfg.yin_threshold) & search
     found = below.any(1)
     first = torch.argmax(below.int(), dim=1)
-    # descend to the local minimum after the first dip: first tau >= first whose successor is not smaller
     nxt = torch.cat([cmnd[:, 1:], torch.full_like(cmnd[:, :1], math.inf)], dim=1)
     stop = ((nxt >= cmnd) | (idx + 1 >= tau_max)) & (idx >= first[:, None])
-    best = torch.argmax(stop.int(), dim=1).clamp(min=1, max=tau_max - 1)
-    # no dip below the strict threshold: the global minimum, voiced if below the loose one
-    g = torch.argmin(torch.where((idx >= tau_min) & (idx < tau_max), cmnd, math.inf), dim=1)
-    periodic = found | (cmnd.gather(1, g[:, None])[:, 0] < loose)
-    best = torch.where(found, best, g).clamp(min=1, max=tau_max - 1)
+    onset = torch.argmax(stop.int(), dim=1)
+    # continuation: the local minimum below the loose threshold minimising depth + |ln(tau / tracked period)|
+    prev, gap = track[:, 0], track[:, 1] + 1.0
+    cont = (prev > 0) & (gap <= cfg.yin_hold_frames)
+    prv = torch.cat([torch.full_like(cmnd[:, :1], -math.inf), cmnd[:, :-1]], dim=1)
+    dip = search & (cmnd < cfg.yin_voicing_threshold) & (cmnd <= prv) & (cmnd < nxt)
+    jump = torch.abs(torch.log(idx.clamp(min=1).double()[None] / torch.where(prev > 0, prev, 1.0)[:, None]))
+    cost = torch.where(dip & (jump <= cfg.yin_max_jump), cmnd + jump, torch.full_like(cmnd, math.inf))
+    best_c = torch.argmin(cost, dim=1)
+    ok_c = torch.isfinite(cost.gather(1, best_c[:, None])[:, 0])
+    # rough onsets: the global minimum below the loose threshold, once its period held for confirm frames
+    g = torch.argmin(torch.where(search, cmnd, math.inf), dim=1)
+    cand_ok = cmnd.gather(1, g[:, None])[:, 0] < cfg.yin_voicing_threshold
+    gd = g.double()
+    energy = (x * x).mean(1)
+    cand_ok = cand_ok & (energy >= 1e-7)  # silence clears the candidate
+    last = track[:, 2]
+    same = (last > 0) & (torch.abs(torch.log(gd / torch.where(last > 0, last, 1.0))) <= cfg.yin_max_jump)
+    count = torch.where(cand_ok, torch.where(same, track[:, 3] + 1.0, torch.ones_like(gd)), torch.zeros_like(gd))
+    cand = torch.where(cand_ok, gd, torch.zeros_like(gd))
+    periodic = torch.where(cont, ok_c, found | (count >= cfg.yin_confirm_frames))
+    best = torch.where(cont, best_c, torch.where(found, onset, g)).clamp(min=1, max=tau_max - 1)
     a, b, c = (cmnd.gather(1, (best + o)[:, None])[:, 0] for o in (-1, 0, 1))
     den = a - 2 * b + c
     shift = torch.where(den > 0, 0.5 * (a - c) / torch.where(den > 0, den, 1.0), torch.zeros_like(den))
-    energy = (x * x).mean(1)
     voiced = periodic & (energy >= 1e-7)
-    return torch.where(voiced, rate / (best + shift), torch.zeros_like(shift)), voiced
+    period = best + shift
+    track.copy_(torch.stack([torch.where(voiced, period, prev), torch.where(voiced, torch.zeros_like(gap), gap),
+                             cand, count], 1))
+    return torch.where(voiced, rate / period, torch.zeros_like(shift)), voiced
 
 
 class GraphStep:
@@ -84,10 +107,11 @@ class GraphStep:
         self.p_var = torch.full((slots,), model.prior.std ** 2, dtype=f64, device=dev)
         self.p_seen = torch.zeros(slots, dtype=f64, device=dev)
         self.held = torch.zeros(slots, dtype=torch.float32, device=dev)
+        self.track = torch.zeros(slots, 4, dtype=f64, device=dev)  # YIN tracker state (see yin_torch)
         self.alpha = 1.0 / tau_frames
         self.states = [t for m in self.model._streaming_children() if m._state is not None
                        for t in vars(m._state).values() if isinstance(t, torch.Tensor)] + \
-            [self.p_mean, self.p_var, self.p_seen, self.held]
+            [self.p_mean, self.p_var, self.p_seen, self.held, self.track]
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -98,14 +122,14 @@ class GraphStep:
         self.p_var[slot] = self.model.prior.std ** 2 if prior_std is None else prior_std ** 2
         self.p_seen[slot] = 0.0
         self.held[slot] = 0.0
+        self.track[slot] = 0.0
 
     @torch.inference_mode()
     def _step(self) -> None:
         m, cfg = self.model, self.cfg
         saved = [t.clone() for t in self.states]
         mel, frames = m.frontend(self.inp)                                   # [S, n_mels, 1], [S, 1, win]
-        f0, voiced = yin_torch(frames[:, 0], cfg.sample_rate, cfg.f0_min, cfg.f0_max, cfg.yin_threshold,
-                                  cfg.yin_voicing_threshold)
+        f0, voiced = yin_torch(frames[:, 0], cfg, self.track)
         # running source statistics -> target range (+ transpose), as in rtvc.frontend.PitchMapper
         lf = torch.log(torch.where(voiced, f0, torch.ones_like(f0)))
         seen = self.p_seen + voiced.double()

@@ -8,6 +8,7 @@ decoder mels against the real audio, so it matches what it gets at conversion ti
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError
+from .config import Config, ConfigError, ModelConfig
 from .data.dataset import Corpus, SegmentDataset
 from .frontend import PitchStats
 from .vocoder import Discriminator, MultiResolutionSTFTLoss, Student, Teacher
@@ -57,9 +58,49 @@ def setup_distributed() -> Dist:
     return Dist(rank, world, device)
 
 
-def vqvae_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Reconstruction (L1 + L2 on normalised mel) + commitment. ``model`` may be DDP-wrapped."""
-    out = model(batch["mel"], batch["speaker"], batch["pitch"])
+class FormantWarp:
+    """Training augmentation for the content encoder: the input log-mel with its frequency axis scaled by a random
+    factor per segment (log-uniform in [1/(1+w), 1+w]): what a longer or shorter vocal tract does to formants.
+
+    The decoder must still rebuild the *unwarped* mel of the segment's own speaker, so the codes cannot carry
+    formant scale, the strongest identity cue in a spectral envelope (a source speaker leaking through the codes
+    measured as output similarity 0.63 to the source). Works on un-normalised log-mel (bins have their own
+    statistics), by linear interpolation between mel bins at the scaled centre frequencies."""
+
+    def __init__(self, cfg: ModelConfig, mel_mean: np.ndarray, mel_std: np.ndarray, width: float) -> None:
+        import librosa
+        self.centers = librosa.mel_frequencies(cfg.n_mels + 2, fmin=cfg.fmin, fmax=cfg.fmax)[1:-1]
+        self.mean = torch.as_tensor(mel_mean, dtype=torch.float32)[:, None]
+        self.std = torch.as_tensor(mel_std, dtype=torch.float32)[:, None]
+        self.width = width
+
+    def matrix(self, alpha: float) -> torch.Tensor:
+        """[n_mels, n_mels] W with warped = W @ log_mel: output bin k reads the input at centre_k / alpha."""
+        n = self.centers.shape[0]
+        pos = np.interp(self.centers / alpha, self.centers, np.arange(n))  # fractional input bin, clamped
+        lo = np.minimum(np.floor(pos).astype(int), n - 2)
+        frac = pos - lo
+        w = np.zeros((n, n), np.float32)
+        w[np.arange(n), lo] = 1 - frac
+        w[np.arange(n), lo + 1] += frac
+        return torch.from_numpy(w)
+
+    def __call__(self, mel: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """normalised mel [B, n_mels, T] -> the same, each segment formant-warped by its own random factor."""
+        if self.width <= 0:
+            return mel
+        r = math.log1p(self.width)
+        alphas = torch.exp((2 * torch.rand(mel.shape[0], generator=gen) - 1) * r).tolist()
+        w = torch.stack([self.matrix(a) for a in alphas]).to(mel.device)      # [B, n_mels, n_mels]
+        mean, std = self.mean.to(mel.device), self.std.to(mel.device)
+        return (torch.bmm(w, mel * std + mean) - mean) / std
+
+
+def vqvae_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+               warp: FormantWarp | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction (L1 + L2 on normalised mel) + commitment; with ``warp``, the encoder sees a formant-warped
+    copy of the mel it must reconstruct. ``model`` may be DDP-wrapped."""
+    out = model(batch["mel"] if warp is None else warp(batch["mel"]), batch["speaker"], batch["pitch"])
     l1 = F.l1_loss(out["mel"], batch["mel"])
     l2 = F.mse_loss(out["mel"], batch["mel"])
     loss = l1 + l2 + out["commit"]
@@ -104,12 +145,16 @@ class StageRunner:
         return {"speakers": c.speakers, "mel_mean": c.mel_mean.tolist(), "mel_std": c.mel_std.tolist(),
                 "pitch": {k: [v.mean, v.std] for k, v in c.pitch.items()}, "prior": [c.prior.mean, c.prior.std]}
 
-    def resume(self) -> None:
+    def resume(self, finetune: bool = False) -> None:
+        """Continue from the stage's checkpoint. Its [model] config must match, unless ``finetune``: then a
+        changed [model] section (say, pitch tracker settings: the same networks, other inputs) is accepted as long
+        as every weight still has its shape, and training continues on the new inputs."""
         if not self.path.is_file():
             return
         ck = load_checkpoint(self.path, kind=self.stage)
-        if Config.from_saved(ck["config"]).model != self.cfg.model:
-            raise CheckpointError(f"{self.path} was trained with another [model] config; use --restart")
+        if Config.from_saved(ck["config"]).model != self.cfg.model and not finetune:
+            raise CheckpointError(f"{self.path} was trained with another [model] config; use --restart to start "
+                                  f"over or --finetune to continue from its weights")
         for k, m in self.models.items():
             if k in ck["models"]:
                 m.load_state_dict(ck["models"][k])
@@ -168,17 +213,18 @@ def _batch_segments(corpus: Corpus, frames: int, n: int, device: torch.device, s
 
 
 def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int | None = None,
-                progress: bool = True) -> Path:
+                progress: bool = True, finetune: bool = False) -> Path:
     d = setup_distributed()
     torch.manual_seed(cfg.train.seed)
     r = StageRunner("vqvae", cfg, cache, ckpt_dir, d)
     model = r.add("vqvae", VQVAE(cfg.model.n_mels, len(r.corpus.speakers), cfg.vqvae))
-    r.resume()
+    r.resume(finetune)
     net, opt = r.wrap(model), r.optims["vqvae"]
+    warp = FormantWarp(cfg.model, r.corpus.mel_mean, r.corpus.mel_std, cfg.train.formant_warp)
 
     def step(batch: dict) -> dict[str, float]:
         model.train()
-        loss, logs = vqvae_loss(net, batch)
+        loss, logs = vqvae_loss(net, batch, warp)
         _update(opt, model, loss)
         return logs
 
@@ -211,13 +257,13 @@ def _adversarial(r: StageRunner, gen_loss: torch.Tensor, y_hat: torch.Tensor, y:
 
 
 def train_teacher(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int | None = None,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, finetune: bool = False) -> Path:
     d = setup_distributed()
     torch.manual_seed(cfg.train.seed)
     r = StageRunner("teacher", cfg, cache, ckpt_dir, d)
     teacher = r.add("teacher", Teacher(cfg.model.n_mels, cfg.teacher))
     disc = r.wrap(r.add("disc", Discriminator()))
-    r.resume()
+    r.resume(finetune)
     net, opt = r.wrap(teacher), r.optims["teacher"]
     stft = MultiResolutionSTFTLoss(cfg.train).to(d.device)
 
@@ -254,7 +300,7 @@ def _load_stage(stage: str, ckpt_dir: Path, build: Callable[[Config], nn.Module]
 
 
 def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int | None = None,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, finetune: bool = False) -> Path:
     d = setup_distributed()
     torch.manual_seed(cfg.train.seed)
     ckpt_dir = Path(ckpt_dir)
@@ -270,7 +316,7 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
     student.synth.mel_mean.copy_(torch.from_numpy(r.corpus.mel_mean))
     student.synth.mel_std.copy_(torch.from_numpy(r.corpus.mel_std))
     disc = r.wrap(r.add("disc", Discriminator()))
-    r.resume()
+    r.resume(finetune)
     net, opt = r.wrap(student), r.optims["student"]
     stft = MultiResolutionSTFTLoss(cfg.train).to(d.device)
     total = steps or cfg.train.student_steps

@@ -19,7 +19,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .config import Config
-from .frontend import Frontend, PitchMapper, PitchStats, lf0_features, yin
+from .frontend import Frontend, PitchStats, SourcePitch
 from .streaming import StreamingModule
 from .vocoder import Student
 from .vqvae import VQVAE
@@ -81,11 +81,10 @@ class VoiceConverter:
         self.device = torch.device(device)
         cfg = model.cfg.model
         self.cfg, self.sample_rate, self.hop, self.latency = model.cfg, cfg.sample_rate, cfg.hop_length, 0
-        self.mapper = PitchMapper(model.prior)
+        self.source_pitch = SourcePitch(cfg, model.prior)
         self.transpose = float(transpose)
         self._set_voice(voice or model.speakers[0])
         self.profile, self.times = profile, StageTimes()
-        self._held = 0.0
         self.model.start_streaming(1)
         # CPU, one stream: encoder -> VQ -> decoder as one fused numba call on the same streaming state
         self.fused = fused and self.device.type == "cpu"
@@ -111,7 +110,7 @@ class VoiceConverter:
         """A converter for another voice that *continues* this one's streaming state (for a crossfade)."""
         other = copy.copy(self)
         other.model = copy.deepcopy(self.model)  # modules carry the state: copy both
-        other.mapper = copy.deepcopy(self.mapper)
+        other.source_pitch = copy.deepcopy(self.source_pitch)
         other.times = StageTimes()
         other._set_voice(voice)  # also drops the fused-kernel views of the old model's state
         if transpose is not None:
@@ -134,9 +133,7 @@ class VoiceConverter:
         mel, frames = m.frontend(wav)
         t = self._tick("frontend", t)
         fr = frames[0].float().cpu().numpy()
-        f0, voiced = yin(fr, self.cfg.model)
-        f0 = self.mapper(f0, voiced, self._target, self.transpose)
-        pitch, self._held = lf0_features(f0, voiced, self._held)
+        pitch = self.source_pitch(fr, self._target, self.transpose)
         pitch_t = torch.from_numpy(pitch)[None].to(self.device)
         t = self._tick("pitch", t)
         if self.fused and m.vqvae.encoder.is_streaming and mel.shape[0] == 1 and not mel_only:
@@ -173,8 +170,7 @@ class VoiceConverter:
 
     def reset(self) -> None:
         self.model.reset_streaming()
-        self.mapper.reset()
-        self._held = 0.0
+        self.source_pitch.reset()
 
     def convert_offline(self, x: np.ndarray) -> np.ndarray:
         """Whole utterance [n] (padded to whole hops, then trimmed back) in one offline forward, no state.
@@ -183,16 +179,15 @@ class VoiceConverter:
         n = x.shape[0]
         pad = (-n) % self.hop
         wav = torch.from_numpy(np.pad(np.asarray(x, np.float32), (0, pad)))[None].to(self.device)
-        saved = (self.mapper, self._held)
-        self.mapper, self._held = copy.deepcopy(self.mapper), 0.0
-        self.mapper.reset()
+        saved = self.source_pitch
+        self.source_pitch = SourcePitch(self.cfg.model, self.model.prior)
         self.model.stop_streaming()
         try:
             return self._run(wav)[0, :n].cpu().numpy()
         finally:
             self.model.start_streaming(1)
             self._fused_args = self._student_args = None  # new state tensors
-            self.mapper, self._held = saved
+            self.source_pitch = saved
 
 
 def fused_frame_args(model: VoiceModel, spk: torch.Tensor, slot: int) -> tuple:

@@ -154,7 +154,8 @@ class VQVAE(StreamingModule):
         return self.encoder.receptive_field + self.decoder.receptive_field - 1
 
     def forward(self, mel: torch.Tensor, speaker: torch.Tensor, pitch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """mel [B, n_mels, T], speaker [B] (target ids), pitch [B, 2, T] -> dict with ``mel`` [B, n_mels, T]."""
+        """mel [B, n_mels, T] (encoder input), speaker [B] (target ids), pitch [B, 2, T] -> dict with ``mel``
+        [B, n_mels, T]."""
         z = self.encoder(mel)
         q, codes, commit, ppl = self.vq(z)
         out = self.decoder(q, self.speakers(speaker), pitch)

@@ -7,12 +7,13 @@ import os
 import socket
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rtvc.checkpoint import load_checkpoint
+from rtvc.checkpoint import CheckpointError, load_checkpoint
 from rtvc.data.dataset import Corpus, SegmentDataset
-from rtvc.train import export_voice_model, train_student, train_teacher, train_vqvae, vqvae_loss
+from rtvc.train import FormantWarp, export_voice_model, train_student, train_teacher, train_vqvae, vqvae_loss
 from rtvc.voice import VoiceConverter, VoiceModel
 from rtvc.vqvae import VQVAE
 
@@ -40,6 +41,12 @@ def test_all_stages_train_resume_and_export(prepared, tmp_path):
     assert y.shape == (model.cfg.model.hop_length * 3,) and np.isfinite(y).all()
     export_voice_model(ck, tmp_path / "again.pt")
     assert (tmp_path / "again.pt").stat().st_size < 30e6
+    # another pitch tracker setting: resuming refuses (other inputs), --finetune continues from the weights
+    retuned = cfg.replace(**{"model.yin_voicing_threshold": 0.4})
+    with pytest.raises(CheckpointError, match="--finetune"):
+        train_vqvae(retuned, cache, ck, steps=6, progress=False)
+    train_vqvae(retuned, cache, ck, steps=6, progress=False, finetune=True)
+    assert load_checkpoint(p, "vqvae")["step"] == 6
 
 
 def test_student_without_a_teacher(prepared, tmp_path):
@@ -69,6 +76,30 @@ def test_vqvae_overfits_one_batch(prepared):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_formant_warp_scales_frequency():
+    """Factor 1 is the identity; a spectral peak (a formant) moves by the factor in Hz, in un-normalised log-mel
+    (normalisation undone and redone around the warp); width 0 leaves the batch untouched."""
+    cfg = make_tiny_config().model
+    rng = np.random.default_rng(3)
+    mean, std = rng.normal(size=cfg.n_mels), 0.5 + rng.random(cfg.n_mels)
+    fw = FormantWarp(cfg, mean, std, 0.15)
+    np.testing.assert_allclose(fw.matrix(1.0).numpy(), np.eye(cfg.n_mels), atol=1e-6)
+    k = cfg.n_mels // 2
+    log_mel = np.full(cfg.n_mels, -5.0)
+    log_mel[k] = 0.0
+    for alpha in (0.88, 1.13):
+        mel = torch.from_numpy(((log_mel - mean) / std)[None, :, None].astype(np.float32))
+        fw.width = 0.0
+        assert fw(mel) is mel
+        warped = (fw.matrix(alpha) @ torch.from_numpy(log_mel.astype(np.float32))).numpy() + 5.0
+        peak = np.interp((np.arange(cfg.n_mels) * warped).sum() / warped.sum(), np.arange(cfg.n_mels), fw.centers)
+        assert abs(peak / fw.centers[k] - alpha) < 0.02
+    fw.width = 0.15
+    x = torch.randn(6, cfg.n_mels, 5, generator=torch.Generator().manual_seed(0))
+    y = fw(x, torch.Generator().manual_seed(1))
+    assert y.shape == x.shape and not torch.allclose(y, x) and torch.isfinite(y).all()
 
 
 # ----------------------------------------------------------------------------------------------------- DDP
