@@ -91,7 +91,7 @@ class BatchedVoice(VoiceSlots):
         self.cfg = model.cfg
         self.name = "voice model (batched)"
         self.model.start_streaming(slots)
-        self._pitch = [SourcePitch(model.cfg.model, model.prior) for _ in range(slots)]
+        self._pitch = [SourcePitch(model.cfg.model, model.source_prior) for _ in range(slots)]
         # CPU: per-slot fused numba kernels on views of each slot's state beat a batched torch step, whose cost
         # at these sizes is op dispatch (the GPU issue batches with custom kernels instead)
         self.fused = self.device.type == "cpu"

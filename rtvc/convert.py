@@ -38,6 +38,21 @@ def load_converter(cfg: Config, voice: str | None = None, transpose: float = 0.0
     return VoiceConverter(model, voice, transpose)
 
 
+def _calibrate(conv: Converter, x: np.ndarray, rate: int) -> None:
+    """A file is all there before conversion starts: measure its speaker's pitch range first, so the pitch
+    mapping is right from the first second instead of learning it while the file plays (live input learns)."""
+    from .voice import VoiceConverter
+    if not isinstance(conv, VoiceConverter):
+        return
+    import soxr
+    from .frontend import measure_pitch
+    xm = soxr.resample(x, rate, conv.sample_rate) if rate != conv.sample_rate else x
+    try:
+        conv.set_source(measure_pitch(xm, conv.cfg.model))
+    except ValueError:  # too little voiced speech: nothing to calibrate on
+        pass
+
+
 def stream_array(engine: StreamEngine, x: np.ndarray, block: int) -> np.ndarray:
     """Stream ``x`` [n] through ``engine`` in blocks of ``block`` samples; output [n] with the latency removed."""
     if block < 1:
@@ -69,6 +84,7 @@ def convert_file(cfg: Config, src: str | Path, dst: str | Path, voice: str | Non
     import soundfile as sf
     x, rate = read_mono(src)
     conv = load_converter(cfg, voice, transpose)
+    _calibrate(conv, x, rate)
     if conv.name == PASSTHROUGH:
         print(f"rtvc: no voice model configured: output is a PASSTHROUGH of the input "
               f"(streamed through the engine at {rate} Hz <-> {conv.sample_rate} Hz)", file=sys.stderr)

@@ -141,6 +141,10 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
     out = Path(out_dir)
     (out / "spectrograms").mkdir(parents=True, exist_ok=True)
 
+    # the source speaker's pitch range, measured by the model's own tracker over its test utterances: the
+    # calibration a user does once (the DSP baseline likewise knows the source's median F0)
+    from .frontend import measure_pitch
+    source_stats = measure_pitch(np.concatenate([_read(it.source_wav, rate) for it in items]), model.cfg.model)
     # reference embeddings and median log-F0 per speaker, over all of its test utterances
     ref_emb, ref_lf0 = {}, {}
     for spk in [source, *targets]:
@@ -158,7 +162,7 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
         src_lf0, _ = metrics.world(x, rate)
         _, ref_mc = metrics.world(ref, rate)
         outs: dict[str, tuple[np.ndarray, float]] = {}
-        vc = VoiceConverter(model, tgt)
+        vc = VoiceConverter(model, tgt, source=source_stats)
         vc.convert(np.zeros(vc.hop, np.float32))  # first-call costs (JIT cache loads) are not conversion time
         vc.reset()
         t0 = time.perf_counter()
@@ -171,7 +175,7 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
                                 (time.perf_counter() - t0) / (x.shape[0] / rate))
         if teacher:
             t0 = time.perf_counter()
-            outs["teacher (offline)"] = (_teacher_pipeline(model, teacher, x, tgt),
+            outs["teacher (offline)"] = (_teacher_pipeline(model, teacher, x, tgt, source_stats),
                                          (time.perf_counter() - t0) / (x.shape[0] / rate))
         for name, (y, rtf) in outs.items():
             lf0, mc = metrics.world(y, rate)
@@ -185,6 +189,7 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
                           **{f"{n} -> {tgt}": o[0] for n, o in outs.items()}}, rate)
     summary = _summarise(rows, systems, targets)
     result = {"command": command, "model": str(model_path), "testset": str(testset), "source": source, "targets": targets,
+              "source_pitch": {"ln_f0_mean": source_stats.mean, "ln_f0_std": source_stats.std},
               "items": len(items), "summary": summary, "rows": rows}
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     (out / "eval.md").write_text(markdown(result))
@@ -206,6 +211,9 @@ def markdown(result: dict) -> str:
              f"Test set `{result['testset']}`: {result['items']} held-out sentences, source voice "
              f"`{result['source']}` (never a target), targets {', '.join(result['targets'])}.", "",
              *([f"Command: `{result['command']}`", ""] if result.get("command") else []),
+             *([f"The source's pitch range (ln F0 {sp['ln_f0_mean']:.3f} ± {sp['ln_f0_std']:.3f}, {math.exp(sp['ln_f0_mean']):.0f} "
+                f"Hz) is measured once over its test utterances by the model's tracker, as a user calibrates; the "
+                f"DSP baseline likewise knows the source's median F0.", ""] if (sp := result.get("source_pitch")) else []),
              "| system | pair | sim → target ↑ | sim → source ↓ | MCD dB ↓ | log-F0 corr ↑ | RTF |",
              "|---|---|---|---|---|---|---|"]
     for sysname, s in result["summary"].items():
@@ -227,11 +235,11 @@ def _load_teacher(path: str | Path):
     return t.eval()
 
 
-def _teacher_pipeline(model, teacher, x: np.ndarray, voice: str) -> np.ndarray:
+def _teacher_pipeline(model, teacher, x: np.ndarray, voice: str, source=None) -> np.ndarray:
     """Offline: the same frontend / pitch mapping / VQ-VAE without state, vocoded by the non-causal teacher."""
     import torch
     from .voice import VoiceConverter
-    vc = VoiceConverter(model, voice, fused=False)
+    vc = VoiceConverter(model, voice, fused=False, source=source)
     vc.model.stop_streaming()
     n = x.shape[0]
     mel = vc._run(torch.from_numpy(np.pad(x, (0, (-n) % vc.hop)))[None], mel_only=True)

@@ -163,7 +163,8 @@ def _yin(frames, sr, fmin, fmax, threshold, loose, max_jump, hold, confirm, dec,
 
 
 def yin(frames: np.ndarray, cfg: ModelConfig, track: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """frames [N, win] float32 -> (f0 Hz [N], voiced bool [N]); frame by frame, so streaming == offline."""
+    """frames [N, win] float32 -> (f0 Hz [N] float64, voiced bool [N]); ``track`` [4] float64 is the tracker's
+    state (continued and updated in place when streaming; fresh when None)."""
     frames = np.ascontiguousarray(frames, dtype=np.float32)
     n = frames.shape[0]
     f0, voiced = np.zeros(n, np.float64), np.zeros(n, np.bool_)
@@ -171,7 +172,7 @@ def yin(frames: np.ndarray, cfg: ModelConfig, track: np.ndarray | None = None) -
     track = np.zeros(4) if track is None else track
     _yin(frames, float(cfg.sample_rate), cfg.f0_min, cfg.f0_max, cfg.yin_threshold, cfg.yin_voicing_threshold,
          cfg.yin_max_jump, cfg.yin_hold_frames, cfg.yin_confirm_frames, dec, track, f0, voiced)
-    return f0.astype(np.float32), voiced
+    return f0, voiced
 
 
 def lf0_features(f0: np.ndarray, voiced: np.ndarray, last: float = 0.0) -> tuple[np.ndarray, float]:
@@ -197,11 +198,21 @@ class PitchStats:
 
 
 class PitchMapper:
-    """Maps source F0 to the target speaker's range: z-score under the source's *running* statistics (causal:
-    exponential forgetting from a prior), then target mean/std, plus a transpose in semitones."""
+    """Maps source F0 to the target speaker's range: z-score under the source's *running* statistics (causal,
+    exponential forgetting over ``tau_frames``), then target mean/std, plus a transpose in semitones.
 
-    def __init__(self, prior: PitchStats, tau_frames: float = 300.0) -> None:
+    The running statistics start from a prior worth ``weights`` = (mean, variance) voiced frames. A source whose
+    statistics were measured (``known``, e.g. from a calibration recording) keeps them until ~100 frames say
+    otherwise; an unknown one (the corpus mean and a typical speaker's spread) follows its own mean from the
+    first voiced frame: a slowly converging mean bends the whole contour of the first seconds (log-F0
+    correlation with the source over 10 held-out utterances: 0.65 with a 20-frame prior, 0.75 with 1 frame,
+    0.84 with measured statistics; YIN itself scores 0.84)."""
+
+    KNOWN, UNKNOWN = (100.0, 100.0), (1.0, 50.0)
+
+    def __init__(self, prior: PitchStats, known: bool = False, tau_frames: float = 300.0) -> None:
         self.prior, self.alpha = prior, 1.0 / tau_frames
+        self.weights = self.KNOWN if known else self.UNKNOWN
         self.reset()
 
     def reset(self) -> None:
@@ -210,27 +221,40 @@ class PitchMapper:
     def __call__(self, f0: np.ndarray, voiced: np.ndarray, target: PitchStats, transpose: float) -> np.ndarray:
         out = np.zeros_like(f0)
         shift = transpose * math.log(2.0) / 12.0
+        wm, wv = self.weights
         for i in range(f0.shape[0]):
             if not (voiced[i] and f0[i] > 0):
                 continue
             lf = math.log(float(f0[i]))
-            # running estimate: trust the prior until ~1/alpha voiced frames were seen
             self.seen += 1.0
-            a = max(self.alpha, 1.0 / (self.seen + 20.0))
-            delta = lf - self.mean
-            self.mean += a * delta
-            self.var = (1 - a) * (self.var + a * delta * delta)
+            am, av = max(self.alpha, 1.0 / (self.seen + wm)), max(self.alpha, 1.0 / (self.seen + wv))
+            self.mean += am * (lf - self.mean)
+            self.var = (1 - av) * (self.var + av * (lf - self.mean) ** 2)
             z = (lf - self.mean) / math.sqrt(max(self.var, 1e-4))
             out[i] = math.exp(target.mean + z * target.std + shift)
         return out
+
+
+def measure_pitch(wav: np.ndarray, cfg: ModelConfig) -> PitchStats:
+    """Voiced ln-F0 mean / std of a recording [n] at the model rate, by the same tracker as conversion (for a
+    source's calibration: what the pitch mapping would otherwise have to learn during the first seconds)."""
+    fe = Frontend(cfg)
+    x = np.pad(np.asarray(wav, np.float32), (0, (-wav.shape[0]) % cfg.hop_length))
+    with torch.no_grad():
+        frames = fe.frames(torch.from_numpy(x)[None])[0].numpy()
+    f0, voiced = yin(frames, cfg)
+    if voiced.sum() < 10:
+        raise ValueError("too little voiced speech to measure a pitch range (need at least 0.1 s)")
+    lf = np.log(f0[voiced].astype(np.float64))
+    return PitchStats(float(lf.mean()), float(lf.std()))
 
 
 class SourcePitch:
     """One stream's causal pitch path: YIN tracker (state: tracked period, frames since voiced, onset candidate
     period and count) -> mapping to the target's range (:class:`PitchMapper`) -> decoder features (:func:`lf0_features`, held log-F0)."""
 
-    def __init__(self, cfg: ModelConfig, prior: PitchStats) -> None:
-        self.cfg, self.mapper, self.track, self.held = cfg, PitchMapper(prior), np.zeros(4), 0.0
+    def __init__(self, cfg: ModelConfig, prior: PitchStats, known: bool = False) -> None:
+        self.cfg, self.mapper, self.track, self.held = cfg, PitchMapper(prior, known), np.zeros(4), 0.0
 
     def reset(self) -> None:
         self.mapper.reset()

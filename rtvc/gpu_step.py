@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .frontend import LF0_MEAN, LF0_STD
+from .frontend import LF0_MEAN, LF0_STD, PitchMapper, PitchStats
 from .batch import VoiceSlots
 from .voice import VoiceModel
 
@@ -103,8 +103,10 @@ class GraphStep:
         self.target_mean = torch.tensor([model.pitch.get(s, model.prior).mean for s in spk], dtype=f64, device=dev)
         self.target_std = torch.tensor([model.pitch.get(s, model.prior).std for s in spk], dtype=f64, device=dev)
         # per-slot pitch state: running source statistics and the held log-F0 feature
-        self.p_mean = torch.full((slots,), model.prior.mean, dtype=f64, device=dev)
-        self.p_var = torch.full((slots,), model.prior.std ** 2, dtype=f64, device=dev)
+        src = model.source_prior
+        self.p_mean = torch.full((slots,), src.mean, dtype=f64, device=dev)
+        self.p_var = torch.full((slots,), src.std ** 2, dtype=f64, device=dev)
+        self.p_weights = torch.tensor([PitchMapper.UNKNOWN] * slots, dtype=f64, device=dev)  # [S, 2] PitchMapper
         self.p_seen = torch.zeros(slots, dtype=f64, device=dev)
         self.held = torch.zeros(slots, dtype=torch.float32, device=dev)
         self.track = torch.zeros(slots, 4, dtype=f64, device=dev)  # YIN tracker state (see yin_torch)
@@ -115,11 +117,15 @@ class GraphStep:
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def reset_slot(self, slot: int, prior_mean: float | None = None, prior_std: float | None = None) -> None:
-        """A new session in ``slot``: zero its layer states and restart its pitch statistics."""
+    def reset_slot(self, slot: int, source: PitchStats | None = None) -> None:
+        """A new session in ``slot``: zero its layer states and restart its pitch statistics (from the speaker's
+        measured ones, ``source``, if known)."""
         self.model.reset_streaming([slot])
-        self.p_mean[slot] = self.model.prior.mean if prior_mean is None else prior_mean
-        self.p_var[slot] = self.model.prior.std ** 2 if prior_std is None else prior_std ** 2
+        prior = source or self.model.source_prior
+        self.p_mean[slot] = prior.mean
+        self.p_var[slot] = prior.std ** 2
+        weights = PitchMapper.KNOWN if source else PitchMapper.UNKNOWN
+        self.p_weights[slot] = torch.tensor(weights, dtype=torch.float64)
         self.p_seen[slot] = 0.0
         self.held[slot] = 0.0
         self.track[slot] = 0.0
@@ -133,10 +139,10 @@ class GraphStep:
         # running source statistics -> target range (+ transpose), as in rtvc.frontend.PitchMapper
         lf = torch.log(torch.where(voiced, f0, torch.ones_like(f0)))
         seen = self.p_seen + voiced.double()
-        a = torch.maximum(torch.full_like(seen, self.alpha), 1.0 / (seen + 20.0))
-        delta = lf - self.p_mean
-        mean = self.p_mean + a * delta
-        var = (1 - a) * (self.p_var + a * delta * delta)
+        am = torch.maximum(torch.full_like(seen, self.alpha), 1.0 / (seen + self.p_weights[:, 0]))
+        av = torch.maximum(torch.full_like(seen, self.alpha), 1.0 / (seen + self.p_weights[:, 1]))
+        mean = self.p_mean + am * (lf - self.p_mean)
+        var = (1 - av) * (self.p_var + av * (lf - mean) ** 2)
         z = (lf - mean) / torch.sqrt(var.clamp(min=1e-4))
         lf_t = self.target_mean[self.speaker] + z * self.target_std[self.speaker] + self.transpose * math.log(2.0) / 12.0
         self.p_mean.copy_(torch.where(voiced, mean, self.p_mean))

@@ -19,7 +19,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .config import Config
-from .frontend import Frontend, PitchStats, SourcePitch
+from .frontend import Frontend, PitchMapper, PitchStats, SourcePitch
 from .streaming import StreamingModule
 from .vocoder import Student
 from .vqvae import VQVAE
@@ -46,6 +46,13 @@ class VoiceModel(StreamingModule):
         self.frontend = Frontend(cfg.model)
         self.vqvae = VQVAE(cfg.model.n_mels, len(speakers), cfg.vqvae)
         self.student = Student(cfg.model, cfg.student)
+
+    @property
+    def source_prior(self) -> PitchStats:
+        """Pitch statistics assumed for a source nobody measured: the corpus mean, a typical speaker's spread
+        (the median of the voices' own, not the pooled spread across voices, which is 3x wider)."""
+        spread = float(np.median([p.std for p in self.pitch.values()])) if self.pitch else self.prior.std
+        return PitchStats(self.prior.mean, spread)
 
     def speaker_id(self, name: str) -> int:
         if name not in self.speakers:
@@ -76,12 +83,16 @@ class VoiceConverter:
     """Implements the engine's :class:`~rtvc.converter.Converter` for one target voice (switchable)."""
 
     def __init__(self, model: VoiceModel, voice: str | None = None, transpose: float = 0.0,
-                 device: str | torch.device = "cpu", profile: bool = False, fused: bool = True) -> None:
+                 device: str | torch.device = "cpu", profile: bool = False, fused: bool = True,
+                 source: PitchStats | None = None) -> None:
+        """``source``: the speaker's measured pitch statistics (:func:`rtvc.frontend.measure_pitch`), if known;
+        otherwise the pitch mapping learns them while they speak."""
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         cfg = model.cfg.model
         self.cfg, self.sample_rate, self.hop, self.latency = model.cfg, cfg.sample_rate, cfg.hop_length, 0
-        self.source_pitch = SourcePitch(cfg, model.prior)
+        self.source = source
+        self.source_pitch = SourcePitch(cfg, source or model.source_prior, known=source is not None)
         self.transpose = float(transpose)
         self._set_voice(voice or model.speakers[0])
         self.profile, self.times = profile, StageTimes()
@@ -172,6 +183,11 @@ class VoiceConverter:
         self.model.reset_streaming()
         self.source_pitch.reset()
 
+    def set_source(self, source: PitchStats | None) -> None:
+        """A newly measured (or forgotten: None) source pitch range; restarts the pitch mapping's statistics."""
+        self.source = source
+        self.source_pitch.mapper = PitchMapper(source or self.model.source_prior, known=source is not None)
+
     def convert_offline(self, x: np.ndarray) -> np.ndarray:
         """Whole utterance [n] (padded to whole hops, then trimmed back) in one offline forward, no state.
 
@@ -180,7 +196,8 @@ class VoiceConverter:
         pad = (-n) % self.hop
         wav = torch.from_numpy(np.pad(np.asarray(x, np.float32), (0, pad)))[None].to(self.device)
         saved = self.source_pitch
-        self.source_pitch = SourcePitch(self.cfg.model, self.model.prior)
+        self.source_pitch = SourcePitch(self.cfg.model, self.source or self.model.source_prior,
+                                        known=self.source is not None)
         self.model.stop_streaming()
         try:
             return self._run(wav)[0, :n].cpu().numpy()

@@ -311,3 +311,26 @@ def test_yin_tracker_rejects_jumps():
     assert np.all(np.abs(np.log(f0[lo:][v[lo:]] / 120)) < 0.08)
     f0_fresh, _ = yin(fr[60:], CFG.model)
     assert np.median(f0_fresh) > 400
+
+
+def test_pitch_mapping_with_a_measured_source():
+    """measure_pitch finds a tone's ln F0 statistics; with them known, the mapped contour of an intonated tone is
+    the target's range from the first voiced frame (affine in ln F0: correlation ~1, mean = target mean), and
+    a too-short or unvoiced recording is a clear error."""
+    from rtvc.frontend import LF0_MEAN, LF0_STD, Frontend, PitchStats, SourcePitch, measure_pitch
+    m = CFG.model
+    t = np.arange(2 * 24000) / 24000
+    f = 115 * np.exp(0.1 * np.sin(2 * np.pi * 0.7 * t))      # intonation: ln F0 +-0.1 around 115 Hz
+    x = (0.5 * np.sin(2 * np.pi * np.cumsum(f) / 24000)).astype(np.float32)
+    st = measure_pitch(x, m)
+    assert abs(st.mean - np.log(f).mean()) < 0.02 and abs(st.std - np.log(f).std()) < 0.02
+    fr = Frontend(m).frames(torch.from_numpy(x)[None])[0].numpy()
+    target = PitchStats(5.3, 0.12)
+    p = SourcePitch(m, st, known=True)(fr, target, 0.0)
+    v = p[1] > 0
+    lm = p[0][v] * LF0_STD + LF0_MEAN
+    truth = np.log(f[::m.hop_length][: p.shape[1]])[v]
+    assert np.corrcoef(lm, truth)[0, 1] > 0.99
+    assert abs(lm.mean() - target.mean) < 0.02
+    with pytest.raises(ValueError, match="voiced"):
+        measure_pitch(np.random.default_rng(0).standard_normal(24000).astype(np.float32), m)

@@ -138,7 +138,8 @@ def prepare_corpus(cfg: Config, root: str | Path, out: str | Path, val_fraction:
             logmel = frontend.log_mel(frames)[0].numpy()
         f0, voiced = yin(frames[0].numpy(), m)
         uid = f"{item.speaker}__{item.path.stem}"
-        np.savez(out / "feats" / f"{uid}.npz", wav=x, logmel=logmel.astype(np.float32), f0=f0, voiced=voiced)
+        np.savez(out / "feats" / f"{uid}.npz", wav=x, logmel=logmel.astype(np.float32), f0=f0.astype(np.float32),
+                 voiced=voiced)
         utts.append({"id": uid, "speaker": item.speaker, "text": item.text, "frames": int(logmel.shape[1]),
                      "split": "val" if is_validation(item, val_fraction) else "train"})
     if not utts:
