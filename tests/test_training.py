@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from rtvc.checkpoint import CheckpointError, load_checkpoint
 from rtvc.data.dataset import Corpus, SegmentDataset
-from rtvc.train import FormantWarp, export_voice_model, train_student, train_teacher, train_vqvae, vqvae_loss
+from rtvc.train import ContentAugment, export_voice_model, train_student, train_teacher, train_vqvae, vqvae_loss
 from rtvc.voice import VoiceConverter, VoiceModel
 from rtvc.vqvae import VQVAE
 
@@ -78,13 +78,14 @@ def test_vqvae_overfits_one_batch(prepared):
     assert losses[-1] < 0.3 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
-def test_formant_warp_scales_frequency():
-    """Factor 1 is the identity; a spectral peak (a formant) moves by the factor in Hz, in un-normalised log-mel
-    (normalisation undone and redone around the warp); width 0 leaves the batch untouched."""
+def test_content_augment_warps_and_colours():
+    """Warp factor 1 is the identity; a spectral peak (a formant) moves by the factor in Hz, in un-normalised
+    log-mel (normalisation undone and redone); width and eq 0 leave the batch untouched; the colouring is a
+    smooth gain within its dB bound, constant over time."""
     cfg = make_tiny_config().model
     rng = np.random.default_rng(3)
     mean, std = rng.normal(size=cfg.n_mels), 0.5 + rng.random(cfg.n_mels)
-    fw = FormantWarp(cfg, mean, std, 0.15)
+    fw = ContentAugment(cfg, mean, std, 0.15, 0.0)
     np.testing.assert_allclose(fw.matrix(1.0).numpy(), np.eye(cfg.n_mels), atol=1e-6)
     k = cfg.n_mels // 2
     log_mel = np.full(cfg.n_mels, -5.0)
@@ -100,6 +101,12 @@ def test_formant_warp_scales_frequency():
     x = torch.randn(6, cfg.n_mels, 5, generator=torch.Generator().manual_seed(0))
     y = fw(x, torch.Generator().manual_seed(1))
     assert y.shape == x.shape and not torch.allclose(y, x) and torch.isfinite(y).all()
+    # colour only: a smooth per-segment gain in dB, the same for every frame, within +-eq_db
+    fw.width, fw.eq_db = 0.0, 6.0
+    y = fw(x, torch.Generator().manual_seed(2))
+    gain_db = ((y - x) * torch.from_numpy(std).float()[None, :, None]) * 10 / np.log(10)
+    assert torch.allclose(gain_db, gain_db[:, :, :1], atol=1e-4) and gain_db.abs().max() <= 6.0 + 1e-4
+    assert gain_db.abs().max() > 1.0
 
 
 # ----------------------------------------------------------------------------------------------------- DDP
