@@ -12,6 +12,7 @@ from .converter import Converter, DelayConverter
 from .engine import StreamEngine
 
 PASSTHROUGH = "passthrough (no voice model)"
+CALIBRATION_S = 120  # seconds of a file measured for its speaker's pitch range before conversion
 
 
 class NoVoiceModel(RuntimeError):
@@ -46,6 +47,7 @@ def _calibrate(conv: Converter, x: np.ndarray, rate: int) -> None:
         return
     import soxr
     from .frontend import measure_pitch
+    x = x[: CALIBRATION_S * rate]  # a couple of minutes pin a speaker's range; frames of more only cost memory
     xm = soxr.resample(x, rate, conv.sample_rate) if rate != conv.sample_rate else x
     try:
         conv.set_source(measure_pitch(xm, conv.cfg.model))
