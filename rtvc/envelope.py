@@ -25,12 +25,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import librosa
 import numpy as np
 import torch
 
 from .config import ModelConfig, StudentConfig
-from .frontend import LF0_MEAN, LF0_STD
+from .frontend import LF0_MEAN, LF0_STD, mel_centers, mel_filters
 from .streaming import StreamingModule
 
 NOISE_SEED = 1 << 30  # offset into the hash sequence: independent of the excitation's noise
@@ -81,8 +80,8 @@ class EnvelopeSynth(StreamingModule):
         self.rate, self.hop = mcfg.sample_rate, mcfg.hop_length
         self.K = scfg.envelope_harmonics
         self.voiced_noise, self.h_lo, self.h_hi = scfg.voiced_noise, scfg.harmonic_below_hz, scfg.noise_above_hz
-        fb = librosa.filters.mel(sr=mcfg.sample_rate, n_fft=mcfg.n_fft, n_mels=mcfg.n_mels, fmin=mcfg.fmin, fmax=mcfg.fmax)
-        centers = librosa.mel_frequencies(mcfg.n_mels + 2, fmin=mcfg.fmin, fmax=mcfg.fmax)[1:-1]
+        fb = mel_filters(mcfg)
+        centers = mel_centers(mcfg)
         self.grid = self.hop + 1                          # the rfft bins of a 2-hop noise block: 50 Hz apart at 24 kHz
         self.df = mcfg.sample_rate / (2 * self.hop)
         freqs = np.arange(self.grid) * self.df

@@ -141,14 +141,15 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
     out = Path(out_dir)
     (out / "spectrograms").mkdir(parents=True, exist_ok=True)
 
-    # the source speaker's pitch range, measured by the model's own tracker over its test utterances: the
-    # calibration a user does once (the DSP baseline likewise knows the source's median F0)
     from .frontend import measure_pitch
-    source_stats = measure_pitch(np.concatenate([_read(it.source_wav, rate) for it in items]), model.cfg.model)
     # reference embeddings and median log-F0 per speaker, over all of its test utterances
     ref_emb, ref_lf0 = {}, {}
     for spk in [source, *targets]:
         wavs = [_read(it.source_wav if spk == source else it.refs[spk], rate) for it in items]
+        if spk == source:
+            # the source's pitch range by the model's own tracker: the calibration a user does once (the DSP
+            # baseline likewise knows the source's median F0)
+            source_stats = measure_pitch(np.concatenate(wavs), model.cfg.model)
         ref_emb[spk] = np.mean([metrics.embed(w, rate) for w in wavs], axis=0)
         lf0 = np.concatenate([metrics.world(w, rate)[0] for w in wavs])
         ref_lf0[spk] = float(np.nanmedian(lf0))

@@ -37,7 +37,7 @@ class Frontend(StreamingModule):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg, self.hop, self.win = cfg, cfg.hop_length, cfg.win_length
-        fb = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax)
+        fb = mel_filters(cfg)
         self.register_buffer("fb", torch.from_numpy(fb).float(), persistent=False)  # [n_mels, n_fft//2+1]
         self.register_buffer("window", torch.hann_window(self.win, periodic=True), persistent=False)
         self.register_buffer("mel_mean", torch.zeros(cfg.n_mels))
@@ -73,6 +73,16 @@ class Frontend(StreamingModule):
         """wav [B, N*hop] -> (normalised log-mel [B, n_mels, N], frames [B, N, win] for pitch tracking)."""
         fr = self.frames(wav)
         return self.normalize(self.log_mel(fr)), fr
+
+
+def mel_filters(cfg: ModelConfig) -> np.ndarray:
+    """The frontend's mel filter bank [n_mels, n_fft // 2 + 1] (librosa, Slaney-normalised)."""
+    return librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax)
+
+
+def mel_centers(cfg: ModelConfig) -> np.ndarray:
+    """Centre frequencies (Hz) [n_mels] of the frontend's mel filters (librosa's bank: n_mels + 2 edges)."""
+    return librosa.mel_frequencies(cfg.n_mels + 2, fmin=cfg.fmin, fmax=cfg.fmax)[1:-1]
 
 
 # ------------------------------------------------------------------------------------------------ pitch
@@ -115,7 +125,8 @@ def _yin(frames, sr, fmin, fmax, threshold, loose, max_jump, hold, confirm, dec,
             d[tau] = s * tau / run if run > 0 else 1.0
         best = -1
         prev = track[0]
-        if prev > 0 and track[1] <= hold:
+        cont = prev > 0 and track[1] <= hold
+        if cont:
             # continuing a voiced stretch: the dip below the loose threshold nearest the tracked period (a dip's
             # depth plus its log-distance), never one more than max_jump away: junk dips at small lags in
             # fricative-voiced frames were 5% of the held-out source's frames (3-7x F0), each ruining the contour
@@ -148,7 +159,7 @@ def _yin(frames, sr, fmin, fmax, threshold, loose, max_jump, hold, confirm, dec,
         else:
             track[2] = 0.0
             track[3] = 0.0
-        if best < 0 and not (prev > 0 and track[1] <= hold) and track[3] >= confirm:
+        if best < 0 and not cont and track[3] >= confirm:
             best = g
         if best < 0:
             continue
@@ -251,7 +262,8 @@ def measure_pitch(wav: np.ndarray, cfg: ModelConfig) -> PitchStats:
 
 class SourcePitch:
     """One stream's causal pitch path: YIN tracker (state: tracked period, frames since voiced, onset candidate
-    period and count) -> mapping to the target's range (:class:`PitchMapper`) -> decoder features (:func:`lf0_features`, held log-F0)."""
+    period and count) -> mapping to the target's range (:class:`PitchMapper`) -> decoder features
+    (:func:`lf0_features`, held log-F0)."""
 
     def __init__(self, cfg: ModelConfig, prior: PitchStats, known: bool = False) -> None:
         self.cfg, self.mapper, self.track, self.held = cfg, PitchMapper(prior, known), np.zeros(4), 0.0

@@ -121,11 +121,10 @@ class GraphStep:
         """A new session in ``slot``: zero its layer states and restart its pitch statistics (from the speaker's
         measured ones, ``source``, if known)."""
         self.model.reset_streaming([slot])
-        prior = source or self.model.source_prior
+        prior, known = self.model.pitch_prior(source)
         self.p_mean[slot] = prior.mean
         self.p_var[slot] = prior.std ** 2
-        weights = PitchMapper.KNOWN if source else PitchMapper.UNKNOWN
-        self.p_weights[slot] = torch.tensor(weights, dtype=torch.float64)
+        self.p_weights[slot] = torch.tensor(PitchMapper.KNOWN if known else PitchMapper.UNKNOWN, dtype=torch.float64)
         self.p_seen[slot] = 0.0
         self.held[slot] = 0.0
         self.track[slot] = 0.0

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, ModelConfig
 from .data.dataset import Corpus, SegmentDataset
-from .frontend import PitchStats
+from .frontend import PitchStats, mel_centers
 from .vocoder import Discriminator, MultiResolutionSTFTLoss, Student, Teacher
 from .voice import VoiceModel
 from .vqvae import VQVAE
@@ -74,8 +74,7 @@ class ContentAugment:
 
     def __init__(self, cfg: ModelConfig, mel_mean: np.ndarray, mel_std: np.ndarray, width: float,
                  eq_db: float = 0.0) -> None:
-        import librosa
-        self.centers = librosa.mel_frequencies(cfg.n_mels + 2, fmin=cfg.fmin, fmax=cfg.fmax)[1:-1]
+        self.centers = mel_centers(cfg)
         self.mean = torch.as_tensor(mel_mean, dtype=torch.float32)[:, None]
         self.std = torch.as_tensor(mel_std, dtype=torch.float32)[:, None]
         self.width, self.eq_db = width, eq_db

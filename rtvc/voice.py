@@ -54,6 +54,11 @@ class VoiceModel(StreamingModule):
         spread = float(np.median([p.std for p in self.pitch.values()])) if self.pitch else self.prior.std
         return PitchStats(self.prior.mean, spread)
 
+    def pitch_prior(self, source: PitchStats | None) -> tuple[PitchStats, bool]:
+        """(statistics the pitch mapping starts from, whether they were measured) for a source: its measured
+        ones if given, else :attr:`source_prior`."""
+        return (source, True) if source is not None else (self.source_prior, False)
+
     def speaker_id(self, name: str) -> int:
         if name not in self.speakers:
             raise KeyError(f"unknown voice '{name}'; this model has: {', '.join(self.speakers)}")
@@ -92,7 +97,7 @@ class VoiceConverter:
         cfg = model.cfg.model
         self.cfg, self.sample_rate, self.hop, self.latency = model.cfg, cfg.sample_rate, cfg.hop_length, 0
         self.source = source
-        self.source_pitch = SourcePitch(cfg, source or model.source_prior, known=source is not None)
+        self.source_pitch = SourcePitch(cfg, *model.pitch_prior(source))
         self.transpose = float(transpose)
         self._set_voice(voice or model.speakers[0])
         self.profile, self.times = profile, StageTimes()
@@ -186,7 +191,7 @@ class VoiceConverter:
     def set_source(self, source: PitchStats | None) -> None:
         """A newly measured (or forgotten: None) source pitch range; restarts the pitch mapping's statistics."""
         self.source = source
-        self.source_pitch.mapper = PitchMapper(source or self.model.source_prior, known=source is not None)
+        self.source_pitch.mapper = PitchMapper(*self.model.pitch_prior(source))
 
     def convert_offline(self, x: np.ndarray) -> np.ndarray:
         """Whole utterance [n] (padded to whole hops, then trimmed back) in one offline forward, no state.
@@ -196,8 +201,7 @@ class VoiceConverter:
         pad = (-n) % self.hop
         wav = torch.from_numpy(np.pad(np.asarray(x, np.float32), (0, pad)))[None].to(self.device)
         saved = self.source_pitch
-        self.source_pitch = SourcePitch(self.cfg.model, self.source or self.model.source_prior,
-                                        known=self.source is not None)
+        self.source_pitch = SourcePitch(self.cfg.model, *self.model.pitch_prior(self.source))
         self.model.stop_streaming()
         try:
             return self._run(wav)[0, :n].cpu().numpy()
