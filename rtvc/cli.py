@@ -98,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, help="total steps for this stage (default: train.<stage>_steps)")
     tr.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
     tr.add_argument("--finetune", action="store_true",
-                    help="continue from the checkpoint even though [model] changed (e.g. pitch tracker settings)")
+                    help="continue from the checkpoint even though [model] changed (e.g. pitch tracker settings) or the "
+                         "corpus gained voices (new speaker rows; the checkpoint's mel normalisation is kept)")
 
     ex = sub.add_parser("export", help="bundle vqvae.pt + student.pt into one voice model file")
     ex.add_argument("--out", help="output file (default: <paths.checkpoint_dir>/model.pt)")

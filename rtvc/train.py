@@ -137,11 +137,16 @@ def stft_loss(stft: MultiResolutionSTFTLoss, y_hat: torch.Tensor, y: torch.Tenso
 class StageRunner:
     """Shared machinery: models/optimisers, checkpoint resume, DDP, the loop, validation cadence."""
 
-    def __init__(self, stage: str, cfg: Config, cache: str | Path, ckpt_dir: str | Path, d: Dist) -> None:
+    def __init__(self, stage: str, cfg: Config, cache: str | Path, ckpt_dir: str | Path, d: Dist,
+                 finetune: bool = False) -> None:
+        """``finetune``: continue the stage's checkpoint in its own mel normalisation (a corpus grown by new
+        voices has other statistics; the vocoder trained on the checkpoint's mels keeps working)."""
         self.stage, self.cfg, self.d = stage, cfg, d
         self.ckpt_dir = Path(ckpt_dir)
         self.path = self.ckpt_dir / f"{stage}.pt"
-        self.corpus = Corpus(cache, cfg.model)
+        self.saved = load_checkpoint(self.path, kind=stage) if self.path.is_file() else None
+        keep = self.saved["stats"] if finetune and self.saved is not None else None
+        self.corpus = Corpus(cache, cfg.model, (keep["mel_mean"], keep["mel_std"]) if keep else None)
         self.models: dict[str, nn.Module] = {}
         self.optims: dict[str, torch.optim.Optimizer] = {}
         self.step = 0
@@ -162,17 +167,23 @@ class StageRunner:
         """Continue from the stage's checkpoint. Its [model] config must match, unless ``finetune``: then a
         changed [model] section (say, pitch tracker settings: the same networks, other inputs) is accepted as long
         as every weight still has its shape, and training continues on the new inputs."""
-        if not self.path.is_file():
+        if self.saved is None:
             return
-        ck = load_checkpoint(self.path, kind=self.stage)
+        ck = self.saved
         if Config.from_saved(ck["config"]).model != self.cfg.model and not finetune:
             raise CheckpointError(f"{self.path} was trained with another [model] config; use --restart to start "
                                   f"over or --finetune to continue from its weights")
+        old, new = ck["stats"]["speakers"], self.corpus.speakers
+        if old == new or not any("speakers.weight" in m for m in ck["models"].values()):
+            old = new  # the voice set matters only to a model with a speaker table
+        elif not finetune:
+            raise CheckpointError(f"{self.path} was trained on voices {old}, the corpus has {new}; use --finetune to "
+                                  f"continue on the new voice set, or --restart")
         for k, m in self.models.items():
             if k in ck["models"]:
-                m.load_state_dict(ck["models"][k])
+                m.load_state_dict(_speaker_rows(ck["models"][k], old, new) if old != new else ck["models"][k])
         for k, o in self.optims.items():
-            if k in ck["optims"]:
+            if k in ck["optims"] and old == new:  # Adam's moments have the table's old shape: start them afresh
                 o.load_state_dict(ck["optims"][k])
         self.step = int(ck["step"])
 
@@ -217,6 +228,19 @@ class StageRunner:
         bar.close()
 
 
+def _speaker_rows(state: dict, old: list[str], new: list[str], key: str = "speakers.weight") -> dict:
+    """A state dict's speaker table [len(old), D] re-indexed to ``new``: every known voice keeps its row, a new
+    voice starts at the known voices' mean (then learns its own). Dropping a voice is refused."""
+    if key not in state:
+        return state
+    lost = sorted(set(old) - set(new))
+    if lost:
+        raise CheckpointError(f"the corpus lacks voices the checkpoint was trained on: {lost}")
+    table = state[key]
+    rows = [table[old.index(v)] if v in old else table.mean(0) for v in new]
+    return {**state, key: torch.stack(rows)}
+
+
 # ------------------------------------------------------------------------------------------------ stages
 
 def _batch_segments(corpus: Corpus, frames: int, n: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
@@ -229,7 +253,7 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
                 progress: bool = True, finetune: bool = False) -> Path:
     d = setup_distributed()
     torch.manual_seed(cfg.train.seed)
-    r = StageRunner("vqvae", cfg, cache, ckpt_dir, d)
+    r = StageRunner("vqvae", cfg, cache, ckpt_dir, d, finetune)
     model = r.add("vqvae", VQVAE(cfg.model.n_mels, len(r.corpus.speakers), cfg.vqvae))
     r.resume(finetune)
     net, opt = r.wrap(model), r.optims["vqvae"]
@@ -274,7 +298,7 @@ def train_teacher(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
                   progress: bool = True, finetune: bool = False) -> Path:
     d = setup_distributed()
     torch.manual_seed(cfg.train.seed)
-    r = StageRunner("teacher", cfg, cache, ckpt_dir, d)
+    r = StageRunner("teacher", cfg, cache, ckpt_dir, d, finetune)
     teacher = r.add("teacher", Teacher(cfg.model.n_mels, cfg.teacher))
     disc = r.wrap(r.add("disc", Discriminator()))
     r.resume(finetune)
@@ -318,7 +342,7 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
     d = setup_distributed()
     torch.manual_seed(cfg.train.seed)
     ckpt_dir = Path(ckpt_dir)
-    r = StageRunner("student", cfg, cache, ckpt_dir, d)
+    r = StageRunner("student", cfg, cache, ckpt_dir, d, finetune)
     n_spk = len(r.corpus.speakers)
     distill = cfg.train.student_target == "teacher"
     # Without distillation the teacher is optional: when one exists its distance is still logged at validation.

@@ -15,7 +15,7 @@ PY=${PYTHON:-python3}
 
 apt_pkgs=(libportaudio2 libsndfile1)
 if [[ $want_test -eq 1 ]]; then
-  apt_pkgs+=(jackd2 flite espeak-ng chromium)
+  apt_pkgs+=(jackd2 flite festival festvox-kdlpc16k espeak-ng chromium)
 fi
 missing=()
 for p in "${apt_pkgs[@]}"; do

@@ -14,8 +14,8 @@ from rtvc.data.synth import sentences, synth_corpus
 
 from conftest import harmonic, make_tiny_config, write_folder_corpus
 
-needs_tts = pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng")),
-                               reason="flite/espeak-ng not installed (scripts/install_tts.sh)")
+needs_tts = pytest.mark.skipif(not all(shutil.which(p) for p in ("flite", "espeak-ng", "text2wave")),
+                               reason="flite/espeak-ng/festival not installed (scripts/install_tts.sh)")
 
 
 def test_sentence_generator_is_unique_and_seeded():
@@ -25,8 +25,10 @@ def test_sentence_generator_is_unique_and_seeded():
 
 @needs_tts
 def test_synth_writes_parallel_folder_corpus(tmp_path):
-    counts = synth_corpus(tmp_path, 3, ["awb", "esf"], progress=False)
-    assert counts == {"awb": 3, "esf": 3}
+    counts = synth_corpus(tmp_path, 3, ["awb", "esf", "ked"], progress=False)
+    assert counts == {"awb": 3, "esf": 3, "ked": 3}
+    k, k_rate = sf.read(str(tmp_path / "ked" / "ked_00002.wav"))  # festival reads its text from stdin
+    assert k.shape[0] > k_rate // 2 and np.abs(k).max() > 0.05
     x, rate = sf.read(str(tmp_path / "awb" / "awb_00001.wav"))
     assert x.shape[0] > rate // 2 and np.abs(x).max() > 0.05
     assert (tmp_path / "esf" / "esf_00001.txt").read_text() == (tmp_path / "awb" / "awb_00001.txt").read_text()

@@ -49,6 +49,39 @@ def test_all_stages_train_resume_and_export(prepared, tmp_path):
     assert load_checkpoint(p, "vqvae")["step"] == 6
 
 
+def test_finetune_on_a_corpus_with_more_voices(prepared, tmp_path):
+    """A corpus grown by a voice: resuming refuses; --finetune keeps every known voice's speaker row, gives the new
+    one the known rows' mean, and normalises the mels with the checkpoint's statistics, not the grown corpus's."""
+    from rtvc.data.prepare import prepare_corpus
+
+    from conftest import write_folder_corpus
+    cfg, cache = prepared
+    ck = tmp_path / "ck"
+    p = train_vqvae(cfg, cache, ck, steps=2, progress=False)
+    old = load_checkpoint(p, "vqvae")
+    raw = write_folder_corpus(tmp_path / "raw", {"low": 100.0, "mid": 150.0, "high": 230.0, "aaa": 320.0}, n=8)
+    grown = tmp_path / "grown"
+    prepare_corpus(cfg, raw, grown, val_fraction=0.25, progress=False)
+    assert not np.allclose(Corpus(grown, cfg.model).mel_mean, old["stats"]["mel_mean"])  # the new voice moves them
+    with pytest.raises(CheckpointError, match="--finetune"):
+        train_vqvae(cfg, grown, ck, steps=3, progress=False)
+    train_vqvae(cfg, grown, ck, steps=3, progress=False, finetune=True)  # one Adam step: each weight moves <= ~lr
+    new = load_checkpoint(p, "vqvae")
+    assert new["stats"]["speakers"] == ["aaa", "high", "low", "mid"]
+    np.testing.assert_allclose(new["stats"]["mel_mean"], old["stats"]["mel_mean"])
+    t_old, t_new = old["models"]["vqvae"]["speakers.weight"], new["models"]["vqvae"]["speakers.weight"]
+    step = 1.5 * cfg.train.learning_rate
+    for i, v in enumerate(old["stats"]["speakers"]):
+        torch.testing.assert_close(t_new[new["stats"]["speakers"].index(v)], t_old[i], rtol=0, atol=step)
+    torch.testing.assert_close(t_new[0], t_old.mean(0), rtol=0, atol=step)
+    assert (t_new[0] - t_old).abs().amax(1).min() > 10 * step  # ... and is none of the old rows
+    shrunk = tmp_path / "shrunk"
+    prepare_corpus(cfg, write_folder_corpus(tmp_path / "raw2", {"low": 100.0, "mid": 150.0}, n=8), shrunk,
+                   val_fraction=0.25, progress=False)
+    with pytest.raises(CheckpointError, match="lacks voices"):
+        train_vqvae(cfg, shrunk, ck, steps=6, progress=False, finetune=True)
+
+
 def test_student_without_a_teacher(prepared, tmp_path):
     """student_target="audio": the student trains on the recordings, no teacher checkpoint needed."""
     cfg, cache = prepared

@@ -17,7 +17,10 @@ from .prepare import CorpusError
 class Corpus:
     """All prepared utterances in memory (the corpora rtvc trains on are small), with their statistics."""
 
-    def __init__(self, cache: str | Path, model_cfg: ModelConfig) -> None:
+    def __init__(self, cache: str | Path, model_cfg: ModelConfig,
+                 mel_stats: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """``mel_stats``: (mean, std) [n_mels] to normalise with instead of the cache's own (a model fine-tuned on
+        a grown corpus keeps the normalisation it, and the vocoder fed by it, were trained with)."""
         cache = Path(cache)
         mf = cache / "manifest.json"
         if not mf.is_file():
@@ -30,8 +33,9 @@ class Corpus:
             raise CorpusError(f"{cache} was prepared with {got}, but the config has {want}: prepare it again")
         self.manifest = man
         self.speakers: list[str] = man["speakers"]
-        self.mel_mean = np.asarray(man["mel_mean"], np.float32)
-        self.mel_std = np.asarray(man["mel_std"], np.float32)
+        mean, std = mel_stats if mel_stats is not None else (man["mel_mean"], man["mel_std"])
+        self.mel_mean = np.asarray(mean, np.float32)
+        self.mel_std = np.asarray(std, np.float32)
         self.pitch = {k: PitchStats(*v) for k, v in man["pitch"].items()}
         self.prior = PitchStats(*man["prior"])
         self.hop = model_cfg.hop_length

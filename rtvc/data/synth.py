@@ -1,9 +1,11 @@
 """``rtvc data synth``: a multi-speaker corpus from Debian's offline TTS engines, in folder-per-speaker layout.
 
 Voices (genuinely different speakers): flite awb (Scottish male), rms (US male), slt (US female), kal16
-(US male, diphone), espeak-ng en-us+f3 (formant female) and en+m3 (formant male).  Sentences come from a
-seeded generator (no corpus download), so every run can make as many unique sentences as it needs.
-Install the engines with ``bash scripts/install_tts.sh`` (flite, espeak-ng).
+(US male, diphone), festival ked (US male, LPC diphone), espeak-ng en-us+f3 (formant female) and en+m3 (formant
+male); four more espeak-ng accent/variant pairs widen the range of voices the content encoder sees (formant
+synthesis: the same engine, but other formant scales, pitch ranges and accents).  Sentences come from a seeded
+generator (no corpus download), so every run can make as many unique sentences as it needs.
+Install the engines with ``bash scripts/install_tts.sh`` (flite, festival + festvox-kdlpc16k, espeak-ng).
 """
 
 from __future__ import annotations
@@ -22,14 +24,24 @@ from tqdm import tqdm
 @dataclass(frozen=True)
 class TTSVoice:
     name: str      # speaker folder name
-    engine: str    # "flite" | "espeak-ng"
+    engine: str    # "flite" | "festival" | "espeak-ng"
     voice: str     # engine's voice id
     gender: str
 
+    @property
+    def program(self) -> str:
+        return "text2wave" if self.engine == "festival" else self.engine
+
     def command(self, text: str, out: Path) -> list[str]:
+        """The command line; festival's text2wave reads the text from stdin (``stdin``)."""
         if self.engine == "flite":
             return ["flite", "-voice", self.voice, "-t", text, "-o", str(out)]
+        if self.engine == "festival":
+            return ["text2wave", "-eval", f"(voice_{self.voice})", "-o", str(out)]
         return ["espeak-ng", "-v", self.voice, "-s", "150", "-w", str(out), text]
+
+    def stdin(self, text: str) -> str | None:
+        return text if self.engine == "festival" else None
 
 
 VOICES = (
@@ -39,6 +51,11 @@ VOICES = (
     TTSVoice("kal", "flite", "kal16", "male"),
     TTSVoice("esf", "espeak-ng", "en-us+f3", "female"),
     TTSVoice("esm", "espeak-ng", "en+m3", "male"),
+    TTSVoice("ked", "festival", "ked_diphone", "male"),
+    TTSVoice("esm2", "espeak-ng", "en-gb-x-rp+m7", "male"),
+    TTSVoice("esf2", "espeak-ng", "en-029+f2", "female"),
+    TTSVoice("esm3", "espeak-ng", "en-us-nyc+m5", "male"),
+    TTSVoice("esf3", "espeak-ng", "en-gb-scotland+f4", "female"),
 )
 
 _ADJ = ("quiet old small bright heavy yellow clever gentle silent broken golden narrow distant frozen wooden "
@@ -82,7 +99,7 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 
 
 def available_voices() -> list[TTSVoice]:
-    return [v for v in VOICES if shutil.which(v.engine)]
+    return [v for v in VOICES if shutil.which(v.program)]
 
 
 def synth_corpus(out_dir: str | Path, n_sentences: int = 200, voices: list[str] | None = None, seed: int = 0,
@@ -100,7 +117,7 @@ def synth_corpus(out_dir: str | Path, n_sentences: int = 200, voices: list[str] 
     missing = [v for v in wanted if v not in have]
     if missing:
         raise RuntimeError(f"TTS engine for voice(s) {missing} is not installed: run `bash scripts/install_tts.sh` "
-                           "(Debian packages flite and espeak-ng)")
+                           "(Debian packages flite, festival, festvox-kdlpc16k, espeak-ng)")
     out = Path(out_dir)
     texts = texts if texts is not None else sentences(n_sentences, seed)
     jobs_list = []
@@ -114,7 +131,7 @@ def synth_corpus(out_dir: str | Path, n_sentences: int = 200, voices: list[str] 
     def run(job: tuple[TTSVoice, str, Path]) -> None:
         voice, text, wav = job
         tmp = wav.with_suffix(".tmp.wav")
-        r = subprocess.run(voice.command(text, tmp), capture_output=True, text=True)
+        r = subprocess.run(voice.command(text, tmp), input=voice.stdin(text), capture_output=True, text=True)
         if r.returncode != 0 or not tmp.exists():
             raise RuntimeError(f"{voice.engine} failed for {wav.name}: {r.stderr.strip()}")
         wav.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
