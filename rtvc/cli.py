@@ -100,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--finetune", action="store_true",
                     help="continue from the checkpoint even though [model] changed (e.g. pitch tracker settings) or the "
                          "corpus gained voices (new speaker rows; the checkpoint's mel normalisation is kept)")
+    tr.add_argument("--init", metavar="MODEL",
+                    help="start a stage that has no checkpoint yet from a voice-model file's weights (vqvae or "
+                         "student; e.g. rtvc/models/default.pt to add your voices to the bundled ones); implies "
+                         "--finetune")
 
     ex = sub.add_parser("export", help="bundle vqvae.pt + student.pt into one voice model file")
     ex.add_argument("--out", help="output file (default: <paths.checkpoint_dir>/model.pt)")
@@ -253,7 +257,7 @@ def _cmd_train(cfg: Config, a: argparse.Namespace) -> int:
     ckpt = Path(cfg.paths.checkpoint_dir)
     if a.restart and (ckpt / f"{a.stage}.pt").is_file():
         (ckpt / f"{a.stage}.pt").unlink()
-    path = TRAINERS[a.stage](cfg, _data_dir(cfg, a.data, "cache"), ckpt, a.steps, finetune=a.finetune)
+    path = TRAINERS[a.stage](cfg, _data_dir(cfg, a.data, "cache"), ckpt, a.steps, finetune=a.finetune, init=a.init)
     print(f"checkpoint: {path}")
     if a.stage == "student":
         print(f"voice model: {ckpt / 'model.pt'} (use it with --set paths.model={ckpt / 'model.pt'})")

@@ -104,6 +104,7 @@ class ModelConfig:
     yin_max_jump: float
     yin_hold_frames: int
     yin_confirm_frames: int
+    yin_release_frames: int
 
     def __post_init__(self) -> None:
         _check(8000 <= self.sample_rate <= 96000, f"model.sample_rate={self.sample_rate} must be in 8000..96000")
@@ -124,6 +125,8 @@ class ModelConfig:
         _check(0 < self.yin_max_jump <= 1.0, "model.yin_max_jump must be in 0..1 (natural-log ratio per frame)")
         _check(self.yin_hold_frames >= 1, "model.yin_hold_frames must be >= 1")
         _check(self.yin_confirm_frames >= 1, "model.yin_confirm_frames must be >= 1")
+        _check(0 <= self.yin_release_frames <= self.yin_hold_frames,
+               "model.yin_release_frames must be in 0..model.yin_hold_frames")
 
     @property
     def hop_ms(self) -> float:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 MCEP_ORDER = 24
 METRIC_RATE = 16000
+FRAME_MS = 5.0  # WORLD analysis frame period
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class Metrics:
         import pysptk
         import pyworld as pw
         xd = (soxr.resample(x, rate, METRIC_RATE) if rate != METRIC_RATE else x).astype(np.float64)
-        f0, t = pw.harvest(xd, METRIC_RATE, frame_period=5.0)
+        f0, t = pw.harvest(xd, METRIC_RATE, frame_period=FRAME_MS)
         sp = np.maximum(pw.cheaptrick(xd, f0, t, METRIC_RATE), 1e-10)
         mc = pysptk.sp2mc(sp, MCEP_ORDER, pysptk.util.mcepalpha(METRIC_RATE))
         lf0 = np.where(f0 > 0, np.log(np.maximum(f0, 1e-3)), np.nan)
@@ -88,7 +89,10 @@ class Metrics:
         return float(np.mean(10.0 / math.log(10.0) * np.sqrt(2.0 * np.sum(diff * diff, axis=1))))
 
     @staticmethod
-    def lf0_corr(lf0_a: np.ndarray, lf0_b: np.ndarray) -> float:
+    def lf0_corr(lf0_a: np.ndarray, lf0_b: np.ndarray, lag: int = 0) -> float:
+        """Correlation of log-F0 contours on frames voiced in both; ``lag``: frames by which ``lf0_a`` (an output)
+        trails ``lf0_b`` (its source), compared at that delay."""
+        lf0_a = lf0_a[lag:]
         n = min(lf0_a.shape[0], lf0_b.shape[0])
         a, b = lf0_a[:n], lf0_b[:n]
         ok = ~np.isnan(a) & ~np.isnan(b)
@@ -155,6 +159,11 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
         ref_lf0[spk] = float(np.nanmedian(lf0))
 
     systems = ["student (streaming)", "dsp baseline"] + (["teacher (offline)"] if teacher else [])
+    # the model's output trails its input by the frontend's analysis delay (a causal window's centre lies behind
+    # the hop it drives): contours are compared at that delay, as MCD's DTW aligns spectra (the DSP baseline has
+    # none); the unaligned figure is kept in the rows as lf0_corr_unaligned
+    lag = round(1000.0 * model.frontend.analysis_delay / rate / FRAME_MS)
+    lags = {name: (0 if name == "dsp baseline" else lag) for name in systems}
     rows: list[dict] = []
     jobs = [(it, tgt) for it in items for tgt in targets]
     for k, (it, tgt) in enumerate(tqdm(jobs, desc="eval", unit="pair", disable=not progress)):
@@ -183,7 +192,8 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
             emb = metrics.embed(y, rate)
             rows.append({"system": name, "source": source, "target": tgt, "text": it.text,
                          "sim_target": cosine(emb, ref_emb[tgt]), "sim_source": cosine(emb, ref_emb[source]),
-                         "mcd_db": metrics.mcd(mc, ref_mc), "lf0_corr": metrics.lf0_corr(lf0, src_lf0), "rtf": rtf})
+                         "mcd_db": metrics.mcd(mc, ref_mc), "lf0_corr": metrics.lf0_corr(lf0, src_lf0, lags[name]),
+                         "lf0_corr_unaligned": metrics.lf0_corr(lf0, src_lf0), "rtf": rtf})
         if k < 2 * len(targets):  # a few pictures per target
             _spectrogram(out / "spectrograms" / f"{k:03d}_{source}_to_{tgt}.png",
                          {f"source ({source})": x, f"reference ({tgt})": ref,
@@ -191,6 +201,7 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
     summary = _summarise(rows, systems, targets)
     result = {"command": command, "model": str(model_path), "testset": str(testset), "source": source, "targets": targets,
               "source_pitch": {"ln_f0_mean": source_stats.mean, "ln_f0_std": source_stats.std},
+              "lf0_lag_ms": {name: v * FRAME_MS for name, v in lags.items()},
               "items": len(items), "summary": summary, "rows": rows}
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     (out / "eval.md").write_text(markdown(result))
@@ -198,7 +209,7 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
 
 
 def _summarise(rows: list[dict], systems: list[str], targets: list[str]) -> dict:
-    keys = ("sim_target", "sim_source", "mcd_db", "lf0_corr", "rtf")
+    keys = ("sim_target", "sim_source", "mcd_db", "lf0_corr", "lf0_corr_unaligned", "rtf")
     summary: dict = {}
     for sysname in systems:
         mine = [r for r in rows if r["system"] == sysname]
@@ -215,6 +226,11 @@ def markdown(result: dict) -> str:
              *([f"The source's pitch range (ln F0 {sp['ln_f0_mean']:.3f} ± {sp['ln_f0_std']:.3f}, {math.exp(sp['ln_f0_mean']):.0f} "
                 f"Hz) is measured once over its test utterances by the model's tracker, as a user calibrates; the "
                 f"DSP baseline likewise knows the source's median F0.", ""] if (sp := result.get("source_pitch")) else []),
+             *([f"log-F0 correlation: output contour against the source's at the system's analysis delay ("
+                + ", ".join(f"{k} {v:g} ms" for k, v in lags.items()) + "); without that alignment: "
+                + ", ".join(f"{k} {s['overall']['lf0_corr_unaligned']:.3f}" for k, s in result["summary"].items()
+                            if "lf0_corr_unaligned" in s["overall"]) + ".", ""]
+               if (lags := result.get("lf0_lag_ms")) else []),
              "| system | pair | sim → target ↑ | sim → source ↓ | MCD dB ↓ | log-F0 corr ↑ | RTF |",
              "|---|---|---|---|---|---|---|"]
     for sysname, s in result["summary"].items():

@@ -45,6 +45,14 @@ class Frontend(StreamingModule):
 
     receptive_field = property(lambda self: self.win)
 
+    @property
+    def analysis_delay(self) -> float:
+        """Samples by which the analysis window's centre trails the centre of the hop it drives, (win - hop) / 2:
+        where the output's content (pitch, envelope) sits relative to the input: a causal window's group delay,
+        not lookahead (every input sample still reaches the output within the one-hop algorithmic latency).
+        15 ms at the default 40 ms window and 10 ms hop."""
+        return (self.win - self.hop) / 2
+
     def init_state(self, batch, device, dtype):
         return FrameState(torch.zeros(batch, self.win - self.hop, device=device, dtype=dtype))
 
@@ -88,7 +96,8 @@ def mel_centers(cfg: ModelConfig) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ pitch
 
 @njit(cache=True)
-def _yin(frames, sr, fmin, fmax, threshold, loose, max_jump, hold, confirm, dec, track, f0, voiced):  # pragma: no cover
+def _yin(frames, sr, fmin, fmax, threshold, loose, max_jump, hold, confirm, release, dec, track, f0,
+         voiced):  # pragma: no cover
     n, w = frames.shape
     m = w // dec
     x = np.empty(m, np.float64)
@@ -162,6 +171,11 @@ def _yin(frames, sr, fmin, fmax, threshold, loose, max_jump, hold, confirm, dec,
         if best < 0 and not cont and track[3] >= confirm:
             best = g
         if best < 0:
+            if track[0] > 0 and track[1] <= release:
+                # release: a voiced stretch's last period sounds on for `release` frames (the tracked state stays:
+                # these frames neither extend the hold nor start anything)
+                f0[i] = rate / track[0]
+                voiced[i] = True
             continue
         # parabolic interpolation of the dip
         a, b, c = d[best - 1], d[best], d[best + 1]
@@ -182,7 +196,7 @@ def yin(frames: np.ndarray, cfg: ModelConfig, track: np.ndarray | None = None) -
     dec = max(1, cfg.sample_rate // 12000)
     track = np.zeros(4) if track is None else track
     _yin(frames, float(cfg.sample_rate), cfg.f0_min, cfg.f0_max, cfg.yin_threshold, cfg.yin_voicing_threshold,
-         cfg.yin_max_jump, cfg.yin_hold_frames, cfg.yin_confirm_frames, dec, track, f0, voiced)
+         cfg.yin_max_jump, cfg.yin_hold_frames, cfg.yin_confirm_frames, cfg.yin_release_frames, dec, track, f0, voiced)
     return f0, voiced
 
 

@@ -80,7 +80,10 @@ def yin_torch(frames: torch.Tensor, cfg: ModelConfig, track: torch.Tensor) -> tu
     period = best + shift
     track.copy_(torch.stack([torch.where(voiced, period, prev), torch.where(voiced, torch.zeros_like(gap), gap),
                              cand, count], 1))
-    return torch.where(voiced, rate / period, torch.zeros_like(shift)), voiced
+    # release: the last tracked period sounds on for yin_release_frames unvoiced frames (state untouched)
+    held = ~voiced & (prev > 0) & (gap <= cfg.yin_release_frames) & (energy >= 1e-7)
+    f0 = torch.where(voiced, rate / period, torch.where(held, rate / torch.where(prev > 0, prev, 1.0), 0.0))
+    return f0, voiced | held
 
 
 class GraphStep:

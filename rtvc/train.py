@@ -138,14 +138,18 @@ class StageRunner:
     """Shared machinery: models/optimisers, checkpoint resume, DDP, the loop, validation cadence."""
 
     def __init__(self, stage: str, cfg: Config, cache: str | Path, ckpt_dir: str | Path, d: Dist,
-                 finetune: bool = False) -> None:
+                 finetune: bool = False, init: str | Path | None = None) -> None:
         """``finetune``: continue the stage's checkpoint in its own mel normalisation (a corpus grown by new
-        voices has other statistics; the vocoder trained on the checkpoint's mels keeps working)."""
+        voices has other statistics; the vocoder trained on the checkpoint's mels keeps working). ``init``: a
+        voice-model file whose weights start the stage when it has no checkpoint yet (implies ``finetune``)."""
         self.stage, self.cfg, self.d = stage, cfg, d
         self.ckpt_dir = Path(ckpt_dir)
         self.path = self.ckpt_dir / f"{stage}.pt"
         self.saved = load_checkpoint(self.path, kind=stage) if self.path.is_file() else None
-        keep = self.saved["stats"] if finetune and self.saved is not None else None
+        if self.saved is None and init is not None:
+            self.saved = stage_from_voice_model(init, stage)
+        self.finetune = finetune or init is not None
+        keep = self.saved["stats"] if self.finetune and self.saved is not None else None
         self.corpus = Corpus(cache, cfg.model, (keep["mel_mean"], keep["mel_std"]) if keep else None)
         self.models: dict[str, nn.Module] = {}
         self.optims: dict[str, torch.optim.Optimizer] = {}
@@ -163,20 +167,20 @@ class StageRunner:
         return {"speakers": c.speakers, "mel_mean": c.mel_mean.tolist(), "mel_std": c.mel_std.tolist(),
                 "pitch": {k: [v.mean, v.std] for k, v in c.pitch.items()}, "prior": [c.prior.mean, c.prior.std]}
 
-    def resume(self, finetune: bool = False) -> None:
+    def resume(self) -> None:
         """Continue from the stage's checkpoint. Its [model] config must match, unless ``finetune``: then a
         changed [model] section (say, pitch tracker settings: the same networks, other inputs) is accepted as long
         as every weight still has its shape, and training continues on the new inputs."""
         if self.saved is None:
             return
         ck = self.saved
-        if Config.from_saved(ck["config"]).model != self.cfg.model and not finetune:
+        if Config.from_saved(ck["config"]).model != self.cfg.model and not self.finetune:
             raise CheckpointError(f"{self.path} was trained with another [model] config; use --restart to start "
                                   f"over or --finetune to continue from its weights")
         old, new = ck["stats"]["speakers"], self.corpus.speakers
         if old == new or not any("speakers.weight" in m for m in ck["models"].values()):
             old = new  # the voice set matters only to a model with a speaker table
-        elif not finetune:
+        elif not self.finetune:
             raise CheckpointError(f"{self.path} was trained on voices {old}, the corpus has {new}; use --finetune to "
                                   f"continue on the new voice set, or --restart")
         for k, m in self.models.items():
@@ -228,6 +232,18 @@ class StageRunner:
         bar.close()
 
 
+def stage_from_voice_model(path: str | Path, stage: str) -> dict:
+    """A stage checkpoint (step 0, fresh optimisers) holding a voice-model file's weights and corpus statistics:
+    e.g. the bundled default voices continued on a corpus with the user's own voices added."""
+    if stage not in ("vqvae", "student"):
+        raise CheckpointError(f"a voice model holds a VQ-VAE and a student vocoder, not a {stage}")
+    ck = load_checkpoint(path, kind="voice_model")
+    stats = {"speakers": ck["speakers"], "mel_mean": ck["frontend"]["mel_mean"].tolist(),
+             "mel_std": ck["frontend"]["mel_std"].tolist(), "pitch": ck["pitch"], "prior": ck["prior"]}
+    return {"kind": stage, "config": ck["config"], "step": 0, "stats": stats, "models": {stage: ck[stage]},
+            "optims": {}}
+
+
 def _speaker_rows(state: dict, old: list[str], new: list[str], key: str = "speakers.weight") -> dict:
     """A state dict's speaker table [len(old), D] re-indexed to ``new``: every known voice keeps its row, a new
     voice starts at the known voices' mean (then learns its own). Dropping a voice is refused."""
@@ -250,12 +266,12 @@ def _batch_segments(corpus: Corpus, frames: int, n: int, device: torch.device, s
 
 
 def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int | None = None,
-                progress: bool = True, finetune: bool = False) -> Path:
+                progress: bool = True, finetune: bool = False, init: str | Path | None = None) -> Path:
     d = setup_distributed()
     torch.manual_seed(cfg.train.seed)
-    r = StageRunner("vqvae", cfg, cache, ckpt_dir, d, finetune)
+    r = StageRunner("vqvae", cfg, cache, ckpt_dir, d, finetune, init)
     model = r.add("vqvae", VQVAE(cfg.model.n_mels, len(r.corpus.speakers), cfg.vqvae))
-    r.resume(finetune)
+    r.resume()
     net, opt = r.wrap(model), r.optims["vqvae"]
     augment = ContentAugment(cfg.model, r.corpus.mel_mean, r.corpus.mel_std, cfg.train.formant_warp,
                              cfg.train.spectral_eq_db)
@@ -295,13 +311,13 @@ def _adversarial(r: StageRunner, gen_loss: torch.Tensor, y_hat: torch.Tensor, y:
 
 
 def train_teacher(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int | None = None,
-                  progress: bool = True, finetune: bool = False) -> Path:
+                  progress: bool = True, finetune: bool = False, init: str | Path | None = None) -> Path:
     d = setup_distributed()
     torch.manual_seed(cfg.train.seed)
-    r = StageRunner("teacher", cfg, cache, ckpt_dir, d, finetune)
+    r = StageRunner("teacher", cfg, cache, ckpt_dir, d, finetune, init)
     teacher = r.add("teacher", Teacher(cfg.model.n_mels, cfg.teacher))
     disc = r.wrap(r.add("disc", Discriminator()))
-    r.resume(finetune)
+    r.resume()
     net, opt = r.wrap(teacher), r.optims["teacher"]
     stft = MultiResolutionSTFTLoss(cfg.train).to(d.device)
 
@@ -338,11 +354,11 @@ def _load_stage(stage: str, ckpt_dir: Path, build: Callable[[Config], nn.Module]
 
 
 def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int | None = None,
-                  progress: bool = True, finetune: bool = False) -> Path:
+                  progress: bool = True, finetune: bool = False, init: str | Path | None = None) -> Path:
     d = setup_distributed()
     torch.manual_seed(cfg.train.seed)
     ckpt_dir = Path(ckpt_dir)
-    r = StageRunner("student", cfg, cache, ckpt_dir, d, finetune)
+    r = StageRunner("student", cfg, cache, ckpt_dir, d, finetune, init)
     n_spk = len(r.corpus.speakers)
     distill = cfg.train.student_target == "teacher"
     # Without distillation the teacher is optional: when one exists its distance is still logged at validation.
@@ -354,7 +370,7 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
     student.synth.mel_mean.copy_(torch.from_numpy(r.corpus.mel_mean))
     student.synth.mel_std.copy_(torch.from_numpy(r.corpus.mel_std))
     disc = r.wrap(r.add("disc", Discriminator()))
-    r.resume(finetune)
+    r.resume()
     net, opt = r.wrap(student), r.optims["student"]
     stft = MultiResolutionSTFTLoss(cfg.train).to(d.device)
     total = steps or cfg.train.student_steps

@@ -313,6 +313,31 @@ def test_yin_tracker_rejects_jumps():
     assert np.median(f0_fresh) > 400
 
 
+def test_yin_release():
+    """A tone that turns into white noise stays voiced at the tone's F0 for exactly yin_release_frames frames after
+    the tracker last found its period, then is unvoiced; with the release off it stops at once; silence ends a
+    stretch with no release (nothing to sound)."""
+    import dataclasses
+    from rtvc.frontend import Frontend, yin
+    rng = np.random.default_rng(3)
+    m = CFG.model
+    assert m.yin_release_frames > 0
+    t = np.arange(24000) / 24000
+    tone = np.sin(2 * np.pi * 140 * t)
+    fe = Frontend(m)
+    for tail, release in ((rng.standard_normal(12000), m.yin_release_frames), (np.zeros(12000), 0)):
+        x = np.concatenate([tone[:12000], tail]).astype(np.float32)
+        fr = fe.frames(torch.from_numpy(x)[None])[0].numpy()
+        off = dataclasses.replace(m, yin_release_frames=0)
+        _, v_off = yin(fr, off)
+        last = int(np.flatnonzero(v_off)[-1])  # the last frame whose period the tracker found
+        assert 45 <= last < 50 + m.win_length // m.hop_length
+        f0, v = yin(fr, m)
+        assert np.array_equal(v[: last + 1], v_off[: last + 1])
+        assert v[last + 1: last + 1 + release].all() and not v[last + 1 + release:].any()
+        np.testing.assert_allclose(f0[last + 1: last + 1 + release], f0[last], rtol=1e-9)
+
+
 def test_pitch_mapping_with_a_measured_source():
     """measure_pitch finds a tone's ln F0 statistics; with them known, the mapped contour of an intonated tone is
     the target's range from the first voiced frame (affine in ln F0: correlation ~1, mean = target mean), and

@@ -82,6 +82,39 @@ def test_finetune_on_a_corpus_with_more_voices(prepared, tmp_path):
         train_vqvae(cfg, shrunk, ck, steps=6, progress=False, finetune=True)
 
 
+def test_init_from_a_voice_model(prepared, tmp_path):
+    """--init: a stage with no checkpoint starts from a voice-model file's weights (step 0) in its mel normalisation,
+    its voices keep their speaker rows on a grown corpus; an existing checkpoint wins; a teacher cannot start there."""
+    from rtvc.data.prepare import prepare_corpus
+    from rtvc.train import stage_from_voice_model
+
+    from conftest import write_folder_corpus
+    cfg, cache = prepared
+    cfg = cfg.replace(**{"train.student_target": "audio"})
+    ck = tmp_path / "ck"
+    train_vqvae(cfg, cache, ck, steps=2, progress=False)
+    train_student(cfg, cache, ck, steps=2, progress=False)
+    bundled = VoiceModel.load(ck / "model.pt")
+    raw = write_folder_corpus(tmp_path / "raw", {"low": 100.0, "mid": 150.0, "high": 230.0, "mine": 320.0}, n=8)
+    grown = tmp_path / "grown"
+    prepare_corpus(cfg, raw, grown, val_fraction=0.25, progress=False)
+    ck2 = tmp_path / "ck2"
+    p = train_vqvae(cfg, grown, ck2, steps=1, progress=False, init=ck / "model.pt")
+    new = load_checkpoint(p, "vqvae")
+    assert new["step"] == 1 and new["stats"]["speakers"] == ["high", "low", "mid", "mine"]
+    np.testing.assert_allclose(new["stats"]["mel_mean"], bundled.frontend.mel_mean.numpy(), rtol=1e-6)
+    table, old = new["models"]["vqvae"]["speakers.weight"], bundled.vqvae.speakers.weight.detach()
+    for i, v in enumerate(bundled.speakers):
+        torch.testing.assert_close(table[new["stats"]["speakers"].index(v)], old[i], rtol=0,
+                                   atol=1.5 * cfg.train.learning_rate)
+    train_vqvae(cfg, grown, ck2, steps=2, progress=False, init=ck / "model.pt")  # resumes its own checkpoint
+    assert load_checkpoint(p, "vqvae")["step"] == 2
+    train_student(cfg, grown, ck2, steps=1, progress=False, init=ck / "model.pt")
+    assert VoiceModel.load(ck2 / "model.pt").speakers == ["high", "low", "mid", "mine"]
+    with pytest.raises(CheckpointError, match="not a teacher"):
+        stage_from_voice_model(ck / "model.pt", "teacher")
+
+
 def test_student_without_a_teacher(prepared, tmp_path):
     """student_target="audio": the student trains on the recordings, no teacher checkpoint needed."""
     cfg, cache = prepared
