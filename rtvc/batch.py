@@ -128,7 +128,7 @@ class BatchedVoice(VoiceSlots):
         for i, s in enumerate(slots):
             pitch[i] = self._pitch[s](fr[i], m.pitch.get(self.voice_of(s), m.prior), float(self._transpose[s]))
         if self.fused:
-            return self._step_fused(slots, mel.numpy(), pitch)
+            return self._step_fused(slots, m.vqvae.encoder.envelope(mel).numpy(), pitch)
         with m.slots(idx):
             z = m.vqvae.encoder(mel)
             n, d, t = z.shape

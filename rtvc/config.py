@@ -146,8 +146,10 @@ class VQVAEConfig:
     speaker_dim: int
     decoder_channels: int
     decoder_layers: int
+    encoder_cepstra: int
 
     def __post_init__(self) -> None:
+        _check(self.encoder_cepstra >= 0, "vqvae.encoder_cepstra must be >= 0 (0 = the encoder sees the whole mel)")
         for key in ("encoder_channels", "encoder_layers", "kernel_size", "codebook_size", "code_dim",
                     "speaker_dim", "decoder_channels", "decoder_layers"):
             _check(getattr(self, key) >= 1, f"vqvae.{key} must be >= 1")
@@ -293,8 +295,13 @@ class Config:
     @classmethod
     def from_saved(cls, data: Mapping[str, Any]) -> "Config":
         """A config stored in a checkpoint: keys added to rtvc after it was written take today's defaults (so old
-        checkpoints keep loading); unknown keys and bad values are still errors."""
-        return cls.from_dict(_merge(default_dict(), data))
+        checkpoints keep loading), except those that shape the networks (:data:`BUILT_WITHOUT`): a model saved
+        before they existed gets the value that rebuilds it. Unknown keys and bad values are still errors."""
+        base = default_dict()
+        for (section, key), value in BUILT_WITHOUT.items():
+            if key not in data.get(section, {}):
+                base[section][key] = value
+        return cls.from_dict(_merge(base, data))
 
     def replace(self, **overrides: Any) -> "Config":
         """New config with ``section.key`` overrides given as ``replace(**{"engine.safety_ms": 3.0})``."""
@@ -399,6 +406,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
+
+
+# Keys added after models were saved without them, whose default would change what such a model computes: the
+# value that rebuilds those models (section, key) -> value.
+BUILT_WITHOUT: dict[tuple[str, str], Any] = {("vqvae", "encoder_cepstra"): 0}
 
 
 def default_dict() -> dict[str, Any]:

@@ -156,7 +156,7 @@ class VoiceConverter:
             from kernels.frame_stack import frame_convert
             enc, cb, cb_norm, dec = self._fused()
             out = np.empty((mel.shape[1], mel.shape[2]), np.float32)
-            frame_convert(mel[0].numpy(), pitch, enc, cb, cb_norm, dec, out)
+            frame_convert(m.vqvae.encoder.envelope(mel)[0].numpy(), pitch, enc, cb, cb_norm, dec, out)
             t = self._tick("encoder+vq+decoder (fused)", t)
             from kernels.student_step import student_args, student_step
             if self._student_args is None:

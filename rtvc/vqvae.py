@@ -5,6 +5,8 @@ All convs are causal (:class:`CausalConv1d`), so one 10 ms hop in gives one mel 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,11 +32,22 @@ def _dilations(n: int) -> list[int]:
     return [(1, 2, 4)[i % 3] for i in range(n)]
 
 
+def lifter(n_mels: int, keep: int) -> torch.Tensor:
+    """[n_mels, n_mels] projection of a mel frame onto its first ``keep`` DCT-II coefficients (orthonormal DCT:
+    D^T diag(1..1, 0..0) D), i.e. the frame smoothed across frequency."""
+    n = torch.arange(n_mels, dtype=torch.float64)
+    d = torch.cos(math.pi / n_mels * (n[None, :] + 0.5) * n[:, None]) * math.sqrt(2.0 / n_mels)
+    d[0] /= math.sqrt(2.0)
+    return (d[:keep].t() @ d[:keep]).float()
+
+
 class Encoder(StreamingModule):
     """normalised log-mel [B, n_mels, T] -> content vectors [B, code_dim, T]."""
 
     def __init__(self, n_mels: int, cfg: VQVAEConfig) -> None:
         super().__init__()
+        keep = cfg.encoder_cepstra
+        self.register_buffer("lifter", lifter(n_mels, keep) if 0 < keep < n_mels else None, persistent=False)
         c = cfg.encoder_channels
         self.inp = CausalConv1d(n_mels, c, cfg.kernel_size)
         self.blocks = nn.ModuleList(ResBlock(c, cfg.kernel_size, d) for d in _dilations(cfg.encoder_layers - 1))
@@ -44,8 +57,13 @@ class Encoder(StreamingModule):
     def receptive_field(self) -> int:
         return receptive_field([self.inp, *(b.conv for b in self.blocks)])
 
+    def envelope(self, mel: torch.Tensor) -> torch.Tensor:
+        """What the first conv sees: mel [B, n_mels, T] smoothed across frequency (``vqvae.encoder_cepstra``), or
+        as it is. Stateless per frame, so the fused CPU step applies it before its own stack."""
+        return mel if self.lifter is None else torch.einsum("ij,bjt->bit", self.lifter, mel)
+
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
-        x = self.inp(mel)
+        x = self.inp(self.envelope(mel))
         for b in self.blocks:
             x = b(x)
         return self.out(F.leaky_relu(x, 0.2))

@@ -87,6 +87,19 @@ def test_saved_config_from_an_older_rtvc_takes_new_defaults():
         Config.from_saved(d)
 
 
+def test_saved_config_keeps_the_networks_it_was_built_with():
+    """A key that shapes what a network computes, missing from a saved config, takes the value that rebuilds the
+    saved model (BUILT_WITHOUT), whatever today's default; a saved value always wins."""
+    from rtvc.config import BUILT_WITHOUT
+    cfg = load_config(None, ["vqvae.encoder_cepstra=24"])
+    d = cfg.to_dict()
+    assert Config.from_saved(d).vqvae.encoder_cepstra == 24
+    for section, key in BUILT_WITHOUT:
+        del d[section][key]
+    saved = Config.from_saved(d)
+    assert all(getattr(getattr(saved, sec), key) == v for (sec, key), v in BUILT_WITHOUT.items())
+
+
 def test_parse_override_types():
     assert parse_override("a.b=3") == ("a.b", 3)
     assert parse_override("a.b = 2.5") == ("a.b", 2.5)

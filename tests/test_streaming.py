@@ -188,12 +188,15 @@ def test_voice_switch_continues_state():
         vc.convert(np.zeros(100, np.float32))
 
 
-def test_fused_cpu_kernel_equals_torch_streaming():
-    """kernels.frame_stack (numba, shares the modules' state) == the torch streaming path, mid-stream switchable."""
-    model = make_voice_model(CFG, ["a", "b"], seed=4)
+@pytest.mark.parametrize("cepstra", [0, 24])
+def test_fused_cpu_kernel_equals_torch_streaming(cepstra):
+    """kernels.frame_stack (numba, shares the modules' state) == the torch streaming path, mid-stream switchable;
+    with the encoder's input smoothed across frequency (vqvae.encoder_cepstra) too."""
+    cfg = CFG.replace(**{"vqvae.encoder_cepstra": cepstra})
+    model = make_voice_model(cfg, ["a", "b"], seed=4)
     x = _speech_like(1.0, CFG.model.sample_rate, 4)
     hop = CFG.model.hop_length
-    fused, plain = VoiceConverter(model, "b", fused=True), VoiceConverter(make_voice_model(CFG, ["a", "b"], seed=4), "b", fused=False)
+    fused, plain = VoiceConverter(model, "b", fused=True), VoiceConverter(make_voice_model(cfg, ["a", "b"], seed=4), "b", fused=False)
     a = np.concatenate([fused.convert(x[i * hop:(i + 2) * hop]) for i in range(0, 60, 2)])
     b = np.concatenate([plain.convert(x[i * hop:(i + 2) * hop]) for i in range(0, 60, 2)])
     assert np.abs(a - b).max() <= TOL and np.abs(a).max() > 1e-3
@@ -202,6 +205,23 @@ def test_fused_cpu_kernel_equals_torch_streaming():
     fused.fused = True
     np.testing.assert_allclose(fused.convert(x[61 * hop: 62 * hop]), (plain.convert(x[60 * hop: 61 * hop]),
                                plain.convert(x[61 * hop: 62 * hop]))[1], atol=TOL)
+
+
+def test_encoder_lifter():
+    """vqvae.encoder_cepstra: the encoder's input keeps a smooth envelope and loses a harmonic ripple 2-3 mel bins
+    apart (a low voice's resolved harmonics); it is a projection; 0 or >= n_mels leaves the mel as it is."""
+    from rtvc.vqvae import VQVAE
+    n = CFG.model.n_mels
+    k = torch.arange(n, dtype=torch.float32)
+    env = torch.exp(-((k - 20) / 12) ** 2) + 0.5 * torch.exp(-((k - 45) / 8) ** 2)
+    ripple = 0.4 * torch.cos(2 * math.pi * k / 2.5)
+    enc = VQVAE(n, 2, CFG.replace(**{"vqvae.encoder_cepstra": 24}).vqvae).encoder
+    out = enc.envelope((env + ripple)[None, :, None])[0, :, 0]
+    assert (out - env).norm() < 0.12 * ripple.norm()  # 0.09: ~1% of its energy is left, at the band edge
+    torch.testing.assert_close(enc.envelope(enc.envelope(env[None, :, None])), enc.envelope(env[None, :, None]))
+    for keep in (0, n):
+        enc = VQVAE(n, 2, CFG.replace(**{"vqvae.encoder_cepstra": keep}).vqvae).encoder
+        assert enc.lifter is None and torch.equal(enc.envelope(env[None, :, None]), env[None, :, None])
 
 
 def test_excitation_source():
