@@ -31,7 +31,8 @@ def variants(m: ModelConfig) -> dict[str, ModelConfig]:
         "no release": dataclasses.replace(m, yin_release_frames=0),
         "no rough onsets": dataclasses.replace(m, yin_confirm_frames=never),
         "strict YIN only": dataclasses.replace(m, yin_voicing_threshold=m.yin_threshold, yin_confirm_frames=never),
-        "loose, no tracking": dataclasses.replace(m, yin_hold_frames=1, yin_max_jump=1.0, yin_confirm_frames=1),
+        "loose, no tracking": dataclasses.replace(m, yin_hold_frames=1, yin_max_jump=1.0, yin_confirm_frames=1,
+                                                  yin_release_frames=0),
     }
 
 

@@ -147,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     lv.add_argument("--transpose", type=float, default=0.0, help="pitch shift in semitones")
     lv.add_argument("--model", help="voice model file (default: paths.model)")
     lv.add_argument("--passthrough", action="store_true", help="start in passthrough (your own voice)")
+    lv.add_argument("--calibrate", metavar="WAV",
+                    help="a recording of the speaker (10 s or more of speech): their pitch range is measured first, "
+                         "so the pitch mapping is right from the first word instead of after a few seconds")
     lv.add_argument("--no-monitor", action="store_true", help="start with the output muted")
     lv.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = run until stopped)")
     lv.add_argument("--stats-json", metavar="FILE", default="", help="write the run's counters as JSON at exit")
@@ -199,9 +202,17 @@ def _cmd_convert(cfg: Config, a: argparse.Namespace) -> int:
 
 
 def _cmd_live(cfg: Config, a: argparse.Namespace) -> int:
-    from .convert import load_converter
+    from .convert import PASSTHROUGH, calibrate, load_converter, read_mono
     from .live import run_live
-    report = run_live(cfg, load_converter(cfg, a.voice, a.transpose), duration=a.duration, stats_json=a.stats_json)
+    conv = load_converter(cfg, a.voice, a.transpose)
+    if a.calibrate and not calibrate(conv, *read_mono(a.calibrate)):
+        raise ValueError(f"--calibrate {a.calibrate}: " + ("no voice model to calibrate (passthrough)" if
+                         conv.name == PASSTHROUGH else "too little voiced speech to measure a pitch range"))
+    if a.calibrate:
+        st = conv.source  # type: ignore[attr-defined]
+        print(f"calibrated on {a.calibrate}: median F0 {math.exp(st.mean):.0f} Hz, spread {st.std:.2f} (ln F0)",
+              file=sys.stderr)
+    report = run_live(cfg, conv, duration=a.duration, stats_json=a.stats_json)
     e = report.engine
     print(f"done: {report.callbacks} callbacks, underruns {e.underruns} samples, PortAudio underflows "
           f"{report.output_underflows}, dropped {e.dropped} samples", file=sys.stderr)

@@ -39,12 +39,14 @@ def load_converter(cfg: Config, voice: str | None = None, transpose: float = 0.0
     return VoiceConverter(model, voice, transpose)
 
 
-def _calibrate(conv: Converter, x: np.ndarray, rate: int) -> None:
-    """A file is all there before conversion starts: measure its speaker's pitch range first, so the pitch
-    mapping is right from the first second instead of learning it while the file plays (live input learns)."""
+def calibrate(conv: Converter, x: np.ndarray, rate: int) -> bool:
+    """Measure the speaker's pitch range in a recording ``x`` [n] at ``rate`` before conversion starts, so the pitch
+    mapping is right from the first second instead of learning it while they speak. A file being converted is
+    its own calibration; ``rtvc live --calibrate`` takes one of the live speaker. False (and the converter
+    unchanged) when it has too little voiced speech, or there is no voice model to calibrate."""
     from .voice import VoiceConverter
     if not isinstance(conv, VoiceConverter):
-        return
+        return False
     import soxr
     from .frontend import measure_pitch
     x = x[: CALIBRATION_S * rate]  # a couple of minutes pin a speaker's range; frames of more only cost memory
@@ -52,7 +54,8 @@ def _calibrate(conv: Converter, x: np.ndarray, rate: int) -> None:
     try:
         conv.set_source(measure_pitch(xm, conv.cfg.model))
     except ValueError:  # too little voiced speech: nothing to calibrate on
-        pass
+        return False
+    return True
 
 
 def stream_array(engine: StreamEngine, x: np.ndarray, block: int) -> np.ndarray:
@@ -86,7 +89,7 @@ def convert_file(cfg: Config, src: str | Path, dst: str | Path, voice: str | Non
     import soundfile as sf
     x, rate = read_mono(src)
     conv = load_converter(cfg, voice, transpose)
-    _calibrate(conv, x, rate)
+    calibrate(conv, x, rate)
     if conv.name == PASSTHROUGH:
         print(f"rtvc: no voice model configured: output is a PASSTHROUGH of the input "
               f"(streamed through the engine at {rate} Hz <-> {conv.sample_rate} Hz)", file=sys.stderr)

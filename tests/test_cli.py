@@ -53,6 +53,19 @@ def test_live_without_device_is_a_clear_error():
     assert "no audio input device found on host API 'NoSuchHostApi'" in r.stderr
 
 
+def test_live_calibration_errors_come_before_any_device(tmp_path):
+    """`rtvc live --calibrate`: a missing file, a recording with no voiced speech and a passthrough (nothing to
+    calibrate) are clear errors, raised before a device is opened."""
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(24000, np.float32), 24000)
+    for extra, message in (([str(tmp_path / "nope.wav")], "does not exist"), ([str(silent)], "too little voiced"),
+                           ([str(silent), "--model", "passthrough"], "no voice model to calibrate")):
+        if "passthrough" not in extra and not resources.files("rtvc").joinpath("models/default.pt").is_file():
+            continue
+        r = rtvc("live", "--host-api", "NoSuchHostApi", "--duration", "1", "--calibrate", *extra)
+        assert r.returncode == 1 and message in r.stderr, r.stderr
+
+
 def test_convert_bundled_sample_with_the_default_model(tmp_path):
     """The README's run command: the bundled sample through the bundled default voices (when this build has them)."""
     out = tmp_path / "out.wav"

@@ -172,11 +172,11 @@ def test_live_default_voices_through_jack(jack_server, tmp_path):
     stats = tmp_path / "live.json"
     cmd = [sys.executable, "-m", "rtvc", "live", "--host-api", "JACK", "--input-device", "system", "--output-device",
            "system", "--rate", str(RATE), "--block-ms", "10", "--voice", "slt", "--duration", str(seconds),
-           "--stats-json", str(stats)]
+           "--stats-json", str(stats), "--calibrate", str(resources.files("rtvc").joinpath("samples/speech.wav"))]
     x, y, log, rc = _duplex(cmd, seconds)
     assert rc == 0, log
     report = json.loads(stats.read_text())
-    assert "voice: slt" in log, log
+    assert "voice: slt" in log and "calibrated on" in log, log
     # no underruns, except at most one block per JACK-server xrun that PortAudio reported (with --no-realtime on
     # the loaded 2-core VM the graph itself runs late about once in four runs of this test: 121 samples short
     # with one underflow flagged, measured; rtvc's compute here is ~3 ms per 10 ms hop)
