@@ -189,6 +189,8 @@ class StageRunner:
         for k, o in self.optims.items():
             if k in ck["optims"] and old == new:  # Adam's moments have the table's old shape: start them afresh
                 o.load_state_dict(ck["optims"][k])
+                for group in o.param_groups:  # the saved state carries its learning rate: today's config wins
+                    group["lr"] = self.cfg.train.learning_rate
         self.step = int(ck["step"])
 
     def save(self) -> None:

@@ -49,6 +49,18 @@ def test_all_stages_train_resume_and_export(prepared, tmp_path):
     assert load_checkpoint(p, "vqvae")["step"] == 6
 
 
+def test_resume_takes_the_configured_learning_rate(prepared, tmp_path):
+    """A resumed stage keeps Adam's moments but runs at today's train.learning_rate (annealing a run by resuming it
+    with a lower rate), not the rate stored in the optimiser state."""
+    cfg, cache = prepared
+    ck = tmp_path / "ck"
+    train_vqvae(cfg, cache, ck, steps=2, progress=False)
+    low = cfg.replace(**{"train.learning_rate": cfg.train.learning_rate / 4})
+    train_vqvae(low, cache, ck, steps=3, progress=False)
+    saved = load_checkpoint(ck / "vqvae.pt", "vqvae")["optims"]["vqvae"]
+    assert saved["param_groups"][0]["lr"] == low.train.learning_rate and saved["state"]
+
+
 def test_finetune_on_a_corpus_with_more_voices(prepared, tmp_path):
     """A corpus grown by a voice: resuming refuses; --finetune keeps every known voice's speaker row, gives the new
     one the known rows' mean, and normalises the mels with the checkpoint's statistics, not the grown corpus's."""
