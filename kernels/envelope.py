@@ -13,6 +13,8 @@ import math
 import numpy as np
 from numba import njit
 
+from rtvc.envelope import FLOOR_MIN, FLOOR_SUBTRACT
+
 
 @njit(cache=True)
 def _hash_noise(n):  # pragma: no cover - numba
@@ -79,7 +81,8 @@ def envelope_synth(mel: np.ndarray, pitch: np.ndarray, synth: tuple) -> np.ndarr
     (phase, count, amp_prev, tail, interp, log_weight, mel_mean, mel_std, share, window,
      rate, hop, df, w2, lf0_mean, lf0_std, seed) = synth
     n = mel.shape[1]
-    env = interp @ (mel * mel_std[:, None] + mel_mean[:, None] - log_weight[:, None])    # [G, N]
+    power = np.exp(mel * mel_std[:, None] + mel_mean[:, None]) - np.float32(FLOOR_SUBTRACT)  # silence: see there
+    env = interp @ (np.log(np.maximum(power, np.float32(FLOOR_MIN))) - log_weight[:, None])  # [G, N]
     harm, voiced = _harmonics(env, pitch, amp_prev, phase, share, rate, hop, df, w2, lf0_mean, lf0_std)
     gain = np.sqrt(np.float32(3.0) * np.exp(env) * (1.0 - share[:, None] * voiced[None]) / np.float32(w2))
     u = _noise(count[0], (n + 1) * hop, seed)

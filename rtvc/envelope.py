@@ -29,10 +29,15 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, StudentConfig
-from .frontend import LF0_MEAN, LF0_STD, mel_centers, mel_filters
+from .frontend import LF0_MEAN, LF0_STD, LOG_EPS, mel_centers, mel_filters
 from .streaming import StreamingModule
 
 NOISE_SEED = 1 << 30  # offset into the hash sequence: independent of the excitation's noise
+# The frontend clamps band power at LOG_EPS, so a decoded band at about that level means silence, not noise at the
+# floor's power (which sounded at -61 dBFS in every pause and above the training data's 8 kHz band): the synthesis
+# subtracts twice the floor (a decoder lands within ~0.4 nepers of it) from each band's power, down to a 30 dB
+# lower floor. Bands 20 dB above the floor lose < 2%.
+FLOOR_SUBTRACT, FLOOR_MIN = 2.0 * LOG_EPS, 1e-3 * LOG_EPS
 
 
 @dataclass
@@ -108,7 +113,8 @@ class EnvelopeSynth(StreamingModule):
     def log_envelope(self, mel: torch.Tensor) -> torch.Tensor:
         """normalised mel [B, n_mels, N] -> log mean power per FFT bin (of the frontend's analysis) on the grid
         [B, G, N]."""
-        logmel = mel * self.mel_std[:, None] + self.mel_mean[:, None] - self.log_weight[:, None]
+        power = torch.exp(mel * self.mel_std[:, None] + self.mel_mean[:, None]) - FLOOR_SUBTRACT
+        logmel = torch.log(torch.clamp(power, min=FLOOR_MIN)) - self.log_weight[:, None]
         return torch.einsum("gm,bmn->bgn", self.interp, logmel)
 
     @torch.no_grad()
