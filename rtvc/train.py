@@ -348,7 +348,8 @@ def train_teacher(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
 def _load_stage(stage: str, ckpt_dir: Path, build: Callable[[Config], nn.Module], device) -> nn.Module:
     path = ckpt_dir / f"{stage}.pt"
     if not path.is_file():
-        raise CheckpointError(f"{path} not found: run `rtvc train {stage}` first")
+        raise CheckpointError(f"{path} not found: run `rtvc train {stage}` first (or `rtvc train {stage} --init "
+                              f"MODEL` to continue a voice-model file)")
     ck = load_checkpoint(path, kind=stage)
     m = build(Config.from_saved(ck["config"]))
     m.load_state_dict(ck["models"][stage])
