@@ -59,8 +59,9 @@ class Encoder(StreamingModule):
 
     def envelope(self, mel: torch.Tensor) -> torch.Tensor:
         """What the first conv sees: mel [B, n_mels, T] smoothed across frequency (``vqvae.encoder_cepstra``), or
-        as it is. Stateless per frame, so the fused CPU step applies it before its own stack."""
-        return mel if self.lifter is None else torch.einsum("ij,bjt->bit", self.lifter, mel)
+        as it is. Stateless per frame, so the fused CPU step applies it before its own stack. (matmul, not einsum:
+        its [B, n_mels, T] result is C-contiguous for any B, as the numba kernels were compiled for.)"""
+        return mel if self.lifter is None else torch.matmul(self.lifter, mel)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         x = self.inp(self.envelope(mel))
