@@ -219,6 +219,7 @@ def test_encoder_lifter():
     out = enc.envelope((env + ripple)[None, :, None])[0, :, 0]
     assert (out - env).norm() < 0.12 * ripple.norm()  # 0.09: ~1% of its energy is left, at the band edge
     torch.testing.assert_close(enc.envelope(enc.envelope(env[None, :, None])), enc.envelope(env[None, :, None]))
+    assert enc.envelope(torch.randn(8, n, 1)).is_contiguous()  # the fused kernels' layout, for any batch
     for keep in (0, n):
         enc = VQVAE(n, 2, CFG.replace(**{"vqvae.encoder_cepstra": keep}).vqvae).encoder
         assert enc.lifter is None and torch.equal(enc.envelope(env[None, :, None]), env[None, :, None])
