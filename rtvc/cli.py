@@ -205,10 +205,10 @@ def _cmd_live(cfg: Config, a: argparse.Namespace) -> int:
     from .convert import PASSTHROUGH, calibrate, load_converter, read_mono
     from .live import run_live
     conv = load_converter(cfg, a.voice, a.transpose)
-    if a.calibrate and not calibrate(conv, *read_mono(a.calibrate)):
-        raise ValueError(f"--calibrate {a.calibrate}: " + ("no voice model to calibrate (passthrough)" if
-                         conv.name == PASSTHROUGH else "too little voiced speech to measure a pitch range"))
     if a.calibrate:
+        if not calibrate(conv, *read_mono(a.calibrate)):
+            raise ValueError(f"--calibrate {a.calibrate}: " + ("no voice model to calibrate (passthrough)" if
+                             conv.name == PASSTHROUGH else "too little voiced speech to measure a pitch range"))
         st = conv.source  # type: ignore[attr-defined]
         print(f"calibrated on {a.calibrate}: median F0 {math.exp(st.mean):.0f} Hz, spread {st.std:.2f} (ln F0)",
               file=sys.stderr)

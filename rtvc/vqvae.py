@@ -5,8 +5,8 @@ All convs are causal (:class:`CausalConv1d`), so one 10 ms hop in gives one mel 
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
+import scipy.fft
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -35,10 +35,8 @@ def _dilations(n: int) -> list[int]:
 def lifter(n_mels: int, keep: int) -> torch.Tensor:
     """[n_mels, n_mels] projection of a mel frame onto its first ``keep`` DCT-II coefficients (orthonormal DCT:
     D^T diag(1..1, 0..0) D), i.e. the frame smoothed across frequency."""
-    n = torch.arange(n_mels, dtype=torch.float64)
-    d = torch.cos(math.pi / n_mels * (n[None, :] + 0.5) * n[:, None]) * math.sqrt(2.0 / n_mels)
-    d[0] /= math.sqrt(2.0)
-    return (d[:keep].t() @ d[:keep]).float()
+    d = scipy.fft.dct(np.eye(n_mels), type=2, norm="ortho", axis=0)[:keep]  # rows: the first `keep` DCT bases
+    return torch.from_numpy(d.T @ d).float()
 
 
 class Encoder(StreamingModule):
