@@ -240,6 +240,7 @@ class TrainConfig:
     num_workers: int
     formant_warp: float
     spectral_eq_db: float
+    speaker_adversarial: float
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "segment_hops", "vocoder_segment_hops", "vqvae_steps", "teacher_steps",
@@ -248,6 +249,7 @@ class TrainConfig:
         _check(self.learning_rate > 0, "train.learning_rate must be > 0")
         _check(0 <= self.formant_warp < 0.5, "train.formant_warp must be in 0..0.5")
         _check(0 <= self.spectral_eq_db <= 24, "train.spectral_eq_db must be in 0..24 dB")
+        _check(0 <= self.speaker_adversarial <= 10, "train.speaker_adversarial must be in 0..10")
         _check(self.student_target in ("teacher", "audio"), 'train.student_target must be "teacher" or "audio"')
         _check(self.num_workers >= 0 and self.adversarial_start >= 0 and self.student_finetune_steps >= 0,
                "train.num_workers, adversarial_start and student_finetune_steps must be >= 0")

@@ -109,16 +109,56 @@ class ContentAugment:
         return (log_mel - mean) / std
 
 
-def vqvae_loss(model: nn.Module, batch: dict[str, torch.Tensor],
-               augment: ContentAugment | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the gradient flows back negated and scaled (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+class SpeakerAdversary(nn.Module):
+    """Training-only speaker classifier on the encoder's content vectors [B, code_dim, T], per frame (a 3-frame
+    context: it may look ahead, it never runs in streaming), behind a gradient reversal of ``weight``: the
+    classifier learns to name the voice, the encoder learns to make that impossible (speaker information the
+    codes would otherwise leak into a conversion). ``speaker_rows``: its output has one row per training voice,
+    so a checkpoint's classifier is relearned, not reloaded, when the voice set changes."""
+
+    speaker_rows = True
+
+    def __init__(self, code_dim: int, n_speakers: int, weight: float, hidden: int = 128) -> None:
+        super().__init__()
+        self.weight = weight
+        self.net = nn.Sequential(nn.Conv1d(code_dim, hidden, 3, padding=1), nn.LeakyReLU(0.2),
+                                 nn.Conv1d(hidden, hidden, 1), nn.LeakyReLU(0.2), nn.Conv1d(hidden, n_speakers, 1))
+
+    def forward(self, content: torch.Tensor, speaker: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """content [B, D, T], speaker [B] -> (cross-entropy, frame accuracy), both scalars."""
+        logits = self.net(_ReverseGradient.apply(content, self.weight))              # [B, n_speakers, T]
+        target = speaker[:, None].expand(-1, content.shape[2])
+        return F.cross_entropy(logits, target), (logits.argmax(1) == target).float().mean()
+
+
+def vqvae_loss(model: nn.Module, batch: dict[str, torch.Tensor], augment: ContentAugment | None = None,
+               adversary: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Reconstruction (L1 + L2 on normalised mel) + commitment; with ``augment``, the encoder sees an augmented
-    copy of the mel it must reconstruct. ``model`` may be DDP-wrapped."""
+    copy of the mel it must reconstruct; with ``adversary`` (:class:`SpeakerAdversary`), + its cross-entropy
+    (reversed into the encoder). ``model`` may be DDP-wrapped."""
     out = model(batch["mel"] if augment is None else augment(batch["mel"]), batch["speaker"], batch["pitch"])
     l1 = F.l1_loss(out["mel"], batch["mel"])
     l2 = F.mse_loss(out["mel"], batch["mel"])
     loss = l1 + l2 + out["commit"]
-    return loss, {"loss": loss.item(), "l1": l1.item(), "commit": out["commit"].item(),
-                  "ppl": out["perplexity"].item()}
+    logs = {"loss": loss.item(), "l1": l1.item(), "commit": out["commit"].item(), "ppl": out["perplexity"].item()}
+    if adversary is not None:
+        ce, acc = adversary(out["content"], batch["speaker"])
+        loss = loss + ce
+        logs.update(spk_ce=ce.item(), spk_acc=acc.item())
+    return loss, logs
 
 
 def _update(opt: torch.optim.Optimizer, model: nn.Module, loss: torch.Tensor) -> None:
@@ -184,7 +224,7 @@ class StageRunner:
             raise CheckpointError(f"{self.path} was trained on voices {old}, the corpus has {new}; use --finetune to "
                                   f"continue on the new voice set, or --restart")
         for k, m in self.models.items():
-            if k in ck["models"]:
+            if k in ck["models"] and not (old != new and getattr(m, "speaker_rows", False)):
                 m.load_state_dict(_speaker_rows(ck["models"][k], old, new) if old != new else ck["models"][k])
         for k, o in self.optims.items():
             if k in ck["optims"] and old == new:  # Adam's moments have the table's old shape: start them afresh
@@ -273,22 +313,29 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
     torch.manual_seed(cfg.train.seed)
     r = StageRunner("vqvae", cfg, cache, ckpt_dir, d, finetune, init)
     model = r.add("vqvae", VQVAE(cfg.model.n_mels, len(r.corpus.speakers), cfg.vqvae))
+    w = cfg.train.speaker_adversarial
+    adversary = r.add("speaker_adversary", SpeakerAdversary(cfg.vqvae.code_dim, len(r.corpus.speakers), w)) if w else None
     r.resume()
     net, opt = r.wrap(model), r.optims["vqvae"]
+    adv_net = r.wrap(adversary) if adversary is not None else None
     augment = ContentAugment(cfg.model, r.corpus.mel_mean, r.corpus.mel_std, cfg.train.formant_warp,
                              cfg.train.spectral_eq_db)
 
     def step(batch: dict) -> dict[str, float]:
         model.train()
-        loss, logs = vqvae_loss(net, batch, augment)
+        loss, logs = vqvae_loss(net, batch, augment, adv_net)
+        if adversary is not None:
+            r.optims["speaker_adversary"].zero_grad(set_to_none=True)
         _update(opt, model, loss)
+        if adversary is not None:
+            r.optims["speaker_adversary"].step()
         return logs
 
     def validate() -> dict[str, float]:
         model.eval()
         with torch.no_grad():
             b = _batch_segments(r.corpus, cfg.train.segment_hops, 8, d.device, 0)
-            _, logs = vqvae_loss(model, b)
+            _, logs = vqvae_loss(model, b, None, adversary.eval() if adversary is not None else None)
             used = int((model.vq.ema_count / model.vq.ema_count.sum() > 1e-3).sum())
             _save_sample(r, b, model)
         return {**{f"val_{k}": v for k, v in logs.items()}, "codes_used": used}

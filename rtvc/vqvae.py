@@ -172,8 +172,8 @@ class VQVAE(StreamingModule):
 
     def forward(self, mel: torch.Tensor, speaker: torch.Tensor, pitch: torch.Tensor) -> dict[str, torch.Tensor]:
         """mel [B, n_mels, T] (encoder input), speaker [B] (target ids), pitch [B, 2, T] -> dict with ``mel``
-        [B, n_mels, T]."""
+        [B, n_mels, T] and the encoder's continuous output ``content`` [B, code_dim, T]."""
         z = self.encoder(mel)
         q, codes, commit, ppl = self.vq(z)
         out = self.decoder(q, self.speakers(speaker), pitch)
-        return {"mel": out, "codes": codes, "commit": commit, "perplexity": ppl}
+        return {"mel": out, "codes": codes, "commit": commit, "perplexity": ppl, "content": z}

@@ -27,6 +27,22 @@ def test_metric_sanity():
     assert cosine(e, e) == pytest.approx(1.0)
 
 
+def test_world_shift_keeps_the_contour():
+    """The ceiling row: a pitch glide shifted by WORLD keeps its contour (correlation ~1) at the new median."""
+    from rtvc.evaluate import Metrics, world_shift
+    rate = 24000
+    t = np.arange(2 * rate) / rate
+    f0 = 120.0 * np.exp(0.15 * np.sin(2 * np.pi * 2.0 * t))   # +-15% vibrato at 2 Hz
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    x = sum(np.sin(k * phase) / k for k in range(1, 20)).astype(np.float32) * 0.1
+    y = world_shift(x, rate, np.log(120.0), np.log(180.0))
+    assert y.shape == x.shape
+    lf0_x, _ = Metrics.world(x, rate)
+    lf0_y, _ = Metrics.world(y, rate)
+    assert Metrics.lf0_corr(lf0_y, lf0_x) > 0.95
+    assert abs(np.nanmedian(lf0_y) - np.nanmedian(lf0_x) - np.log(1.5)) < 0.05
+
+
 def test_testset_and_eval_report(tmp_path):
     from rtvc.data.synth import build_testset
     from rtvc.evaluate import evaluate
@@ -38,7 +54,7 @@ def test_testset_and_eval_report(tmp_path):
     cfg = make_tiny_config()
     make_voice_model(cfg, ["awb", "slt"], seed=0).save(tmp_path / "model.pt")
     res = evaluate(tmp_path / "model.pt", tmp_path / "ts", tmp_path / "ev", max_items=1, progress=False)
-    assert set(res["summary"]) == {"student (streaming)", "dsp baseline"}
+    assert set(res["summary"]) == {"student (streaming)", "dsp baseline", "world shift (contour ceiling)"}
     for s in res["summary"].values():
         o = s["overall"]
         assert -1 <= o["sim_target"] <= 1 and o["mcd_db"] > 0 and o["rtf"] > 0

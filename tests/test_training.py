@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from rtvc.checkpoint import CheckpointError, load_checkpoint
 from rtvc.data.dataset import Corpus, SegmentDataset
-from rtvc.train import ContentAugment, export_voice_model, train_student, train_teacher, train_vqvae, vqvae_loss
+from rtvc.train import ContentAugment, SpeakerAdversary, export_voice_model, train_student, train_teacher, train_vqvae, vqvae_loss
 from rtvc.voice import VoiceConverter, VoiceModel
 from rtvc.vqvae import VQVAE
 
@@ -154,6 +154,52 @@ def test_vqvae_overfits_one_batch(prepared):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_speaker_adversary_reverses_its_gradient_into_the_encoder():
+    """The classifier's own weights get the plain cross-entropy gradient; the content vectors get it negated and
+    scaled by the weight (the encoder is pushed to make the voice unrecognisable)."""
+    torch.manual_seed(0)
+    z = torch.randn(3, 8, 10, requires_grad=True)
+    spk = torch.tensor([0, 2, 1])
+    adv = SpeakerAdversary(8, 3, weight=0.5, hidden=16)
+    ce, acc = adv(z, spk)
+    ce.backward()
+    g_rev, g_w = z.grad.clone(), adv.net[0].weight.grad.clone()
+    z.grad = None
+    adv.zero_grad()
+    plain = torch.nn.functional.cross_entropy(adv.net(z), spk[:, None].expand(-1, 10))
+    plain.backward()
+    torch.testing.assert_close(g_rev, -0.5 * z.grad)
+    torch.testing.assert_close(g_w, adv.net[0].weight.grad)
+    assert 0.0 <= acc.item() <= 1.0 and ce.item() == pytest.approx(plain.item())
+
+
+def test_vqvae_with_speaker_adversary_trains_resumes_and_exports_without_it(prepared, tmp_path):
+    """train.speaker_adversarial > 0: the classifier trains with the VQ-VAE, is checkpointed and resumed with it,
+    relearned (not reloaded) on a changed voice set, and never reaches the voice-model file."""
+    cfg, cache = prepared
+    cfg = cfg.replace(**{"train.speaker_adversarial": 0.3, "train.student_target": "audio"})
+    ck = tmp_path / "ck"
+    p = train_vqvae(cfg, cache, ck, steps=2, progress=False)
+    first = load_checkpoint(p, "vqvae")
+    assert "speaker_adversary" in first["models"] and "speaker_adversary" in first["optims"]
+    train_vqvae(cfg, cache, ck, steps=3, progress=False)
+    second = load_checkpoint(p, "vqvae")["models"]["speaker_adversary"]
+    w0, w1 = first["models"]["speaker_adversary"]["net.0.weight"], second["net.0.weight"]
+    assert not torch.equal(w0, w1) and (w1 - w0).abs().max() < 3 * cfg.train.learning_rate  # resumed, one step on
+    train_student(cfg, cache, ck, steps=1, progress=False)
+    model = VoiceModel.load(export_voice_model(ck, tmp_path / "model.pt"))
+    assert not any("adversary" in k for k in torch.load(tmp_path / "model.pt", weights_only=False)["vqvae"])
+    assert model.speakers
+    from rtvc.data.prepare import prepare_corpus
+
+    from conftest import write_folder_corpus
+    grown = tmp_path / "grown"
+    raw = write_folder_corpus(tmp_path / "raw", {"low": 100.0, "mid": 150.0, "high": 230.0, "aaa": 320.0}, n=8)
+    prepare_corpus(cfg, raw, grown, val_fraction=0.25, progress=False)
+    train_vqvae(cfg, grown, ck, steps=4, progress=False, finetune=True)
+    assert load_checkpoint(p, "vqvae")["models"]["speaker_adversary"]["net.4.weight"].shape[0] == 4
 
 
 def test_content_augment_warps_and_colours():
