@@ -50,6 +50,18 @@ def load_testset(root: str | Path) -> tuple[str, list[str], list[TestItem]]:
     return man["source"], man["targets"], items
 
 
+def _metric_rate(x: np.ndarray, rate: int) -> np.ndarray:
+    """x [n] at ``rate`` -> float64 at METRIC_RATE, what WORLD analyses."""
+    return (soxr.resample(x, rate, METRIC_RATE) if rate != METRIC_RATE else x).astype(np.float64)
+
+
+def _timed(run, seconds: float) -> tuple[np.ndarray, float]:
+    """(output of ``run()``, its real-time factor for ``seconds`` of input)."""
+    t0 = time.perf_counter()
+    y = run()
+    return y, (time.perf_counter() - t0) / seconds
+
+
 def _read(path: Path, rate: int) -> np.ndarray:
     x, sr = sf.read(str(path), dtype="float32", always_2d=True)
     x = x.mean(axis=1)
@@ -76,7 +88,7 @@ class Metrics:
         otherwise dominate the cepstral distance with the log of near-zero power)."""
         import pysptk
         import pyworld as pw
-        xd = (soxr.resample(x, rate, METRIC_RATE) if rate != METRIC_RATE else x).astype(np.float64)
+        xd = _metric_rate(x, rate)
         f0, t = pw.harvest(xd, METRIC_RATE, frame_period=FRAME_MS)
         sp = np.maximum(pw.cheaptrick(xd, f0, t, METRIC_RATE), 1e-10)
         mc = pysptk.sp2mc(sp, MCEP_ORDER, pysptk.util.mcepalpha(METRIC_RATE))
@@ -120,7 +132,7 @@ def world_shift(x: np.ndarray, rate: int, src_lf0_median: float, tgt_lf0_median:
     """The source re-synthesised by WORLD (at the metric rate) with its harvest F0 times the targets' median ratio:
     the contour kept exactly as :meth:`Metrics.world` measures it (the ceiling of the log-F0 correlation)."""
     import pyworld as pw
-    xd = (soxr.resample(x, rate, METRIC_RATE) if rate != METRIC_RATE else x).astype(np.float64)
+    xd = _metric_rate(x, rate)
     f0, t = pw.harvest(xd, METRIC_RATE, frame_period=FRAME_MS)
     sp, ap = pw.cheaptrick(xd, f0, t, METRIC_RATE), pw.d4c(xd, f0, t, METRIC_RATE)
     y = pw.synthesize(f0 * math.exp(tgt_lf0_median - src_lf0_median), sp, ap, METRIC_RATE, FRAME_MS)
@@ -190,20 +202,14 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
         vc = VoiceConverter(model, tgt, source=source_stats)
         vc.convert(np.zeros(vc.hop, np.float32))  # first-call costs (JIT cache loads) are not conversion time
         vc.reset()
-        t0 = time.perf_counter()
-        hop = vc.hop
+        hop, seconds = vc.hop, x.shape[0] / rate
         xp = np.pad(x, (0, (-x.shape[0]) % hop))
-        y = np.concatenate([vc.convert(xp[i:i + hop]) for i in range(0, xp.shape[0], hop)])[: x.shape[0]]
-        outs["student (streaming)"] = (y, (time.perf_counter() - t0) / (x.shape[0] / rate))
-        t0 = time.perf_counter()
-        outs["dsp baseline"] = (dsp_baseline(x, rate, ref_lf0[source], ref_lf0[tgt]),
-                                (time.perf_counter() - t0) / (x.shape[0] / rate))
-        t0 = time.perf_counter()
-        outs[CEILING] = (world_shift(x, rate, ref_lf0[source], ref_lf0[tgt]), (time.perf_counter() - t0) / (x.shape[0] / rate))
+        outs["student (streaming)"] = _timed(lambda: np.concatenate(
+            [vc.convert(xp[i:i + hop]) for i in range(0, xp.shape[0], hop)])[: x.shape[0]], seconds)
+        outs["dsp baseline"] = _timed(lambda: dsp_baseline(x, rate, ref_lf0[source], ref_lf0[tgt]), seconds)
+        outs[CEILING] = _timed(lambda: world_shift(x, rate, ref_lf0[source], ref_lf0[tgt]), seconds)
         if teacher:
-            t0 = time.perf_counter()
-            outs["teacher (offline)"] = (_teacher_pipeline(model, teacher, x, tgt, source_stats),
-                                         (time.perf_counter() - t0) / (x.shape[0] / rate))
+            outs["teacher (offline)"] = _timed(lambda: _teacher_pipeline(model, teacher, x, tgt, source_stats), seconds)
         for name, (y, rtf) in outs.items():
             lf0, mc = metrics.world(y, rate)
             emb = metrics.embed(y, rate)

@@ -314,7 +314,8 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
     r = StageRunner("vqvae", cfg, cache, ckpt_dir, d, finetune, init)
     model = r.add("vqvae", VQVAE(cfg.model.n_mels, len(r.corpus.speakers), cfg.vqvae))
     w = cfg.train.speaker_adversarial
-    adversary = r.add("speaker_adversary", SpeakerAdversary(cfg.vqvae.code_dim, len(r.corpus.speakers), w)) if w else None
+    adversary = (r.add("speaker_adversary", SpeakerAdversary(cfg.vqvae.code_dim, len(r.corpus.speakers), w))
+                 if w else None)
     r.resume()
     net, opt = r.wrap(model), r.optims["vqvae"]
     adv_net = r.wrap(adversary) if adversary is not None else None
@@ -335,7 +336,7 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
         model.eval()
         with torch.no_grad():
             b = _batch_segments(r.corpus, cfg.train.segment_hops, 8, d.device, 0)
-            _, logs = vqvae_loss(model, b, None, adversary.eval() if adversary is not None else None)
+            _, logs = vqvae_loss(model, b, None, adversary)
             used = int((model.vq.ema_count / model.vq.ema_count.sum() > 1e-3).sum())
             _save_sample(r, b, model)
         return {**{f"val_{k}": v for k, v in logs.items()}, "codes_used": used}

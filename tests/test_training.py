@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 
 from rtvc.checkpoint import CheckpointError, load_checkpoint
 from rtvc.data.dataset import Corpus, SegmentDataset
-from rtvc.train import ContentAugment, SpeakerAdversary, export_voice_model, train_student, train_teacher, train_vqvae, vqvae_loss
+from rtvc.train import (ContentAugment, SpeakerAdversary, export_voice_model, train_student, train_teacher,
+                        train_vqvae, vqvae_loss)
 from rtvc.voice import VoiceConverter, VoiceModel
 from rtvc.vqvae import VQVAE
 
