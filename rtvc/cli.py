@@ -264,11 +264,12 @@ def _cmd_data(cfg: Config, a: argparse.Namespace) -> int:
 
 
 def _cmd_train(cfg: Config, a: argparse.Namespace) -> int:
-    from .train import TRAINERS
+    from .train import TRAINERS, teardown_distributed
     ckpt = Path(cfg.paths.checkpoint_dir)
-    if a.restart and (ckpt / f"{a.stage}.pt").is_file():
-        (ckpt / f"{a.stage}.pt").unlink()
+    if a.restart:  # under torchrun every rank gets here: the first one removes it
+        (ckpt / f"{a.stage}.pt").unlink(missing_ok=True)
     path = TRAINERS[a.stage](cfg, _data_dir(cfg, a.data, "cache"), ckpt, a.steps, finetune=a.finetune, init=a.init)
+    teardown_distributed()
     print(f"checkpoint: {path}")
     if a.stage == "student":
         print(f"voice model: {ckpt / 'model.pt'} (use it with --set paths.model={ckpt / 'model.pt'})")

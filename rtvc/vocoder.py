@@ -181,6 +181,10 @@ class Student(StreamingModule):
         self.first = CausalConv1d(a + (cfg.harmonics + 2) * self.sub, ch, 1)
         per = cfg.layers // cfg.stacks
         self.layers = nn.ModuleList(_StudentLayer(ch, a, cfg.kernel_size, 2 ** (i % per)) for i in range(cfg.layers))
+        # The last layer's residual output feeds nothing, so its 1x1 never gets a gradient: frozen, because DDP
+        # stops at the second step on a trainable parameter without one. (Streaming still computes it: ~2% of the
+        # layers' arithmetic, kept so every layer runs the same fused op.)
+        self.layers[-1].res.requires_grad_(False)
         self.head1 = CausalConv1d(ch, ch, 1)
         self.head2 = CausalConv1d(ch, self.sub, 1)
         nn.init.zeros_(self.head2.weight)  # the network starts as a pure residual on the envelope synthesis

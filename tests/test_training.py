@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 
 from rtvc.checkpoint import CheckpointError, load_checkpoint
 from rtvc.data.dataset import Corpus, SegmentDataset
-from rtvc.train import (ContentAugment, SpeakerAdversary, export_voice_model, train_student, train_teacher,
-                        train_vqvae, vqvae_loss)
+from rtvc.train import (ContentAugment, SpeakerAdversary, export_voice_model, teardown_distributed, train_student,
+                        train_teacher, train_vqvae, vqvae_loss)
 from rtvc.voice import VoiceConverter, VoiceModel
 from rtvc.vqvae import VQVAE
 
@@ -259,7 +259,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     loss.backward()
     if rank == 0:
         torch.save(_grads(model), out)
-    torch.distributed.destroy_process_group()
+    del net  # as when a stage returns: the product's teardown must then leave the group without aborting
+    teardown_distributed()
 
 
 def test_ddp_two_gloo_processes_match_single_process(tmp_path):
@@ -278,3 +279,27 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     assert ref.keys() == got.keys() and len(ref) > 10
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _stages_worker(rank: int, world: int, port: int, cfg, cache: str, ck: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))  # what torchrun sets: setup_distributed joins the group from these
+    train_vqvae(cfg, cache, ck, steps=3, progress=False)
+    train_teacher(cfg, cache, ck, steps=3, progress=False)  # adversarial_start=2: the GAN branch under DDP too
+    train_student(cfg, cache, ck, steps=4, progress=False)  # distillation then fine-tuning, then rank 0 exports
+    teardown_distributed()
+
+
+def test_every_stage_trains_under_two_gloo_processes(prepared, tmp_path):
+    """``torchrun --nproc_per_node 2 -m rtvc train <stage>`` in-process: each stage's DDP wrappers accept its
+    graph (a parameter without a gradient, e.g. the student's last residual 1x1, stops DDP at the second step),
+    rank 0 alone writes the checkpoints and the voice model, and both processes leave cleanly."""
+    cfg, cache = prepared
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ck = tmp_path / "ck"
+    mp.spawn(_stages_worker, args=(2, port, cfg, str(cache), str(ck)), nprocs=2, join=True)
+    assert [load_checkpoint(ck / f"{k}.pt", k)["step"] for k in ("vqvae", "teacher", "student")] == [3, 3, 4]
+    assert VoiceModel.load(ck / "model.pt").speakers == ["high", "low", "mid"]
+
