@@ -36,6 +36,28 @@ def test_synth_writes_parallel_folder_corpus(tmp_path):
         synth_corpus(tmp_path, 1, ["nobody"], progress=False)
 
 
+def test_a_missing_voice_names_its_debian_package(tmp_path, monkeypatch):
+    from rtvc.data.synth import TTSVoice
+    monkeypatch.setattr(TTSVoice, "installed", property(lambda v: v.name != "czf"))
+    with pytest.raises(RuntimeError, match=r"\['czf'\] not installed.*festival festvox-czech-dita"):
+        synth_corpus(tmp_path, 1, ["awb", "czf"], progress=False)
+    assert not (tmp_path / "awb").exists()  # refused before synthesising anything
+
+
+@needs_tts
+def test_a_sentence_the_engine_cannot_say_is_left_out_of_a_corpus_not_a_testset(tmp_path, monkeypatch, capsys):
+    """festival exits 0 on some errors and leaves an empty file (its Italian voices on a few sentences)."""
+    from rtvc.data.synth import TTSVoice
+    say = TTSVoice.command
+    monkeypatch.setattr(TTSVoice, "command", lambda v, text, out: ["true"] if "bad" in text else say(v, text, out))
+    counts = synth_corpus(tmp_path / "c", 0, ["awb"], progress=False, texts=["A good one.", "A bad one."])
+    assert counts == {"awb": 1} and "1 of 2 sentences gave no audio" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="1 of 2 sentences"):
+        synth_corpus(tmp_path / "t", 0, ["awb"], progress=False, texts=["A good one.", "A bad one."], strict=True)
+    with pytest.raises(RuntimeError, match="2 of 2 sentences"):  # a voice that never speaks: a broken install
+        synth_corpus(tmp_path / "n", 0, ["awb"], progress=False, texts=["A bad one.", "Also bad."])
+
+
 def _vctk(root):
     for spk in ("p225", "p226"):
         (root / "wav48_silence_trimmed" / spk).mkdir(parents=True)
