@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--val-fraction", type=float, default=0.05, help="share of sentences held out for validation")
     pr.add_argument("--min-seconds", type=float, default=0.5, help="clips shorter than this (after trimming) are errors")
     pr.add_argument("--skip-bad", action="store_true", help="skip unreadable / too-short / mismatched files, listing them")
+    pr.add_argument("--band-hz", type=float, default=0.0,
+                    help="keep nothing above this frequency (8000: wideband recordings added to the bundled voices, "
+                         "which were trained on 16 kHz audio)")
 
     ts = dsub.add_parser("testset", help="held-out parallel test set for `rtvc eval` (new sentences, unseen source)")
     ts.add_argument("--out", help="output folder (default: <paths.data_dir>/testset)")
@@ -254,7 +257,7 @@ def _cmd_data(cfg: Config, a: argparse.Namespace) -> int:
         return 0
     from .data.prepare import prepare_corpus
     out = _data_dir(cfg, a.out, "cache")
-    man = prepare_corpus(cfg, a.corpus, out, a.val_fraction, a.min_seconds, a.skip_bad)
+    man = prepare_corpus(cfg, a.corpus, out, a.val_fraction, a.min_seconds, a.skip_bad, band_hz=a.band_hz)
     n_val = sum(u["split"] == "val" for u in man["utterances"])
     print(f"{out}: {man['layout']} layout, {len(man['speakers'])} speakers, {len(man['utterances'])} utterances "
           f"({n_val} validation), {len(man['skipped'])} skipped")

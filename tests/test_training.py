@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from rtvc.checkpoint import CheckpointError, load_checkpoint
 from rtvc.data.dataset import Corpus, SegmentDataset
+from rtvc.data.prepare import CorpusError
 from rtvc.train import (ContentAugment, SpeakerAdversary, export_voice_model, teardown_distributed, train_student,
                         train_teacher, train_vqvae, vqvae_loss)
 from rtvc.voice import VoiceConverter, VoiceModel
@@ -93,6 +94,30 @@ def test_finetune_on_a_corpus_with_more_voices(prepared, tmp_path):
                    val_fraction=0.25, progress=False)
     with pytest.raises(CheckpointError, match="lacks voices"):
         train_vqvae(cfg, shrunk, ck, steps=6, progress=False, finetune=True)
+
+
+def test_finetune_refuses_a_wideband_corpus_until_prepared_band_limited(prepared, tmp_path):
+    """A voice recorded at 48 kHz added to a model trained on 16 kHz audio: its kept normalisation would put the
+    upper mel bins hundreds of spreads out, so the corpus is refused with the fix (`--band-hz`), which works."""
+    import soundfile as sf
+
+    from rtvc.data.prepare import prepare_corpus
+
+    from conftest import write_folder_corpus
+    cfg, cache = prepared
+    ck = tmp_path / "ck"
+    train_vqvae(cfg, cache, ck, steps=2, progress=False)
+    raw = write_folder_corpus(tmp_path / "raw", {"low": 100.0, "mid": 150.0, "high": 230.0}, n=8)
+    write_folder_corpus(raw, {"wide": 180.0}, n=8, rate=48000)
+    for f in (raw / "wide").glob("*.wav"):  # breath noise up to 24 kHz over the voice
+        x, sr = sf.read(str(f))
+        sf.write(str(f), x + 0.02 * np.random.default_rng(0).standard_normal(x.shape), sr)
+    prepare_corpus(cfg, raw, tmp_path / "wide", val_fraction=0.25, progress=False)
+    with pytest.raises(CorpusError, match="--band-hz"):
+        train_vqvae(cfg, tmp_path / "wide", ck, steps=3, progress=False, finetune=True)
+    prepare_corpus(cfg, raw, tmp_path / "banded", val_fraction=0.25, progress=False, band_hz=8000)
+    train_vqvae(cfg, tmp_path / "banded", ck, steps=3, progress=False, finetune=True)
+    assert load_checkpoint(ck / "vqvae.pt", "vqvae")["step"] == 3
 
 
 def test_init_from_a_voice_model(prepared, tmp_path):

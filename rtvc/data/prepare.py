@@ -92,14 +92,18 @@ def is_validation(item: Item, fraction: float) -> bool:
     return h < fraction
 
 
-def load_clip(path: Path, rate: int, min_seconds: float, top_db: float = 40.0) -> tuple[np.ndarray, int]:
-    """Read, mix to mono, resample to ``rate``, trim silence; returns (wav, original channel count)."""
+def load_clip(path: Path, rate: int, min_seconds: float, top_db: float = 40.0,
+              band_hz: float = 0.0) -> tuple[np.ndarray, int]:
+    """Read, mix to mono, resample to ``rate``, trim silence; returns (wav, original channel count).
+    ``band_hz`` > 0: nothing above it is kept (resampled through ``2 * band_hz``, soxr's anti-alias filter)."""
     try:
         data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
         raise CorpusError(f"cannot read {path}: {e}") from None
     channels = data.shape[1]
     x = data.mean(axis=1)
+    if band_hz and 2 * band_hz < min(sr, rate):
+        x, sr = soxr.resample(x, sr, int(2 * band_hz), "HQ").astype(np.float32), int(2 * band_hz)
     if sr != rate:
         x = soxr.resample(x, sr, rate, "HQ").astype(np.float32)
     x, _ = librosa.effects.trim(x, top_db=top_db, frame_length=1024, hop_length=256)
@@ -109,8 +113,11 @@ def load_clip(path: Path, rate: int, min_seconds: float, top_db: float = 40.0) -
 
 
 def prepare_corpus(cfg: Config, root: str | Path, out: str | Path, val_fraction: float = 0.05,
-                   min_seconds: float = 0.5, skip_bad: bool = False, progress: bool = True) -> dict:
-    """Cache features of every utterance under ``out`` and write ``out/manifest.json``; returns the manifest."""
+                   min_seconds: float = 0.5, skip_bad: bool = False, progress: bool = True,
+                   band_hz: float = 0.0) -> dict:
+    """Cache features of every utterance under ``out`` and write ``out/manifest.json``; returns the manifest.
+    ``band_hz``: band-limit every clip (e.g. 8000 to add wideband recordings to a model trained on 16 kHz voices,
+    like the bundled one)."""
     layout, items = scan_corpus(root)
     if not items:
         raise CorpusError(f"{root}: no audio files found")
@@ -122,7 +129,7 @@ def prepare_corpus(cfg: Config, root: str | Path, out: str | Path, val_fraction:
     utts, skipped = [], []
     for item in tqdm(items, desc="prepare", unit="utt", disable=not progress):
         try:
-            x, ch = load_clip(item.path, m.sample_rate, min_seconds)
+            x, ch = load_clip(item.path, m.sample_rate, min_seconds, band_hz=band_hz)
             first = channels.setdefault(item.speaker, (ch, item.path))
             if first[0] != ch:
                 raise CorpusError(f"mono/stereo mismatch for speaker '{item.speaker}': {first[1]} has {first[0]} "

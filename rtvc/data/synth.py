@@ -32,6 +32,7 @@ class TTSVoice:
     voice: str     # engine's voice id
     gender: str
     package: str   # the Debian package that provides it
+    rate: int = 0  # resample the engine's output to this rate (0: keep it)
 
     @property
     def program(self) -> str:
@@ -68,14 +69,17 @@ VOICES = (
     TTSVoice("esf2", "espeak-ng", "en-029+f2", "female", "espeak-ng"),
     TTSVoice("esm3", "espeak-ng", "en-us-nyc+m5", "male", "espeak-ng"),
     TTSVoice("esf3", "espeak-ng", "en-gb-scotland+f4", "female", "espeak-ng"),
-    # other languages' festival voices reading English (accented): training voices
+    # other languages' festival voices reading English (accented): training voices. The Czech (32 / 44.1 kHz) and
+    # Finnish (22.05 kHz) ones are written at 16 kHz like flite's and festival's English voices: band above 8 kHz
+    # in a few voices only would tie bandwidth to identity, and a model trained on 16 kHz voices, continued on
+    # them (--finetune keeps its normalisation), would see those mel bins hundreds of spreads from its mean.
     TTSVoice("itf", "festival", "lp_diphone", "female", "festvox-italp16k"),
     TTSVoice("itm", "festival", "pc_diphone", "male", "festvox-itapc16k"),
-    TTSVoice("czf", "festival", "czech_dita", "female", "festvox-czech-dita"),
-    TTSVoice("czm", "festival", "czech_machac", "male", "festvox-czech-machac"),
-    TTSVoice("czm2", "festival", "czech_ph", "male", "festvox-czech-ph"),
-    TTSVoice("fif", "festival", "suo_fi_lj_diphone", "female", "festvox-suopuhe-lj"),
-    TTSVoice("fim", "festival", "hy_fi_mv_diphone", "male", "festvox-suopuhe-mv"),
+    TTSVoice("czf", "festival", "czech_dita", "female", "festvox-czech-dita", 16000),
+    TTSVoice("czm", "festival", "czech_machac", "male", "festvox-czech-machac", 16000),
+    TTSVoice("czm2", "festival", "czech_ph", "male", "festvox-czech-ph", 16000),
+    TTSVoice("fif", "festival", "suo_fi_lj_diphone", "female", "festvox-suopuhe-lj", 16000),
+    TTSVoice("fim", "festival", "hy_fi_mv_diphone", "male", "festvox-suopuhe-mv", 16000),
     TTSVoice("rum", "festival", "msu_ru_nsh_clunits", "male", "festvox-ru"),
     TTSVoice("caf", "festival", "upc_ca_ona_hts", "female", "festvox-ca-ona-hts"),
 )
@@ -163,6 +167,12 @@ def synth_corpus(out_dir: str | Path, n_sentences: int = 200, voices: list[str] 
         if r.returncode != 0 or not tmp.exists() or tmp.stat().st_size <= 44:  # 44 bytes: a WAV header alone
             tmp.unlink(missing_ok=True)
             return r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit status {r.returncode}"
+        if voice.rate:
+            import soundfile as sf
+            import soxr
+            x, sr = sf.read(str(tmp), dtype="float32")
+            if sr != voice.rate:
+                sf.write(str(tmp), soxr.resample(x, sr, voice.rate), voice.rate, subtype="PCM_16")
         wav.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
         tmp.replace(wav)
         return None
