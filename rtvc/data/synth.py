@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import soundfile as sf
+import soxr
 from tqdm import tqdm
 
 
@@ -37,6 +39,11 @@ class TTSVoice:
     @property
     def program(self) -> str:
         return "text2wave" if self.engine == "festival" else self.engine
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """The Debian packages it needs: its own, and festival itself for a festival voice."""
+        return (self.package, "festival") if self.engine == "festival" else (self.package,)
 
     @property
     def installed(self) -> bool:
@@ -124,6 +131,11 @@ def sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def debian_packages(names: list[str] | None = None) -> list[str]:
+    """The Debian packages the named voices (default: all) need; ``scripts/install_tts.sh`` installs these."""
+    return sorted({p for v in VOICES if names is None or v.name in names for p in v.packages})
+
+
 def available_voices() -> list[TTSVoice]:
     return [v for v in VOICES if v.installed]
 
@@ -144,10 +156,8 @@ def synth_corpus(out_dir: str | Path, n_sentences: int = 200, voices: list[str] 
         raise ValueError(f"unknown TTS voice(s) {unknown}; known: {[v.name for v in VOICES]}")
     missing = [v for v in wanted if v not in have]
     if missing:
-        need = [v for v in VOICES if v.name in missing]
-        packages = sorted({v.package for v in need} | ({"festival"} if any(v.engine == "festival" for v in need) else set()))
         raise RuntimeError(f"TTS voice(s) {missing} not installed: run `bash scripts/install_tts.sh` (Debian packages "
-                           f"{' '.join(packages)})")
+                           f"{' '.join(debian_packages(missing))})")
     out = Path(out_dir)
     texts = texts if texts is not None else sentences(n_sentences, seed)
     jobs_list = []
@@ -168,8 +178,6 @@ def synth_corpus(out_dir: str | Path, n_sentences: int = 200, voices: list[str] 
             tmp.unlink(missing_ok=True)
             return r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit status {r.returncode}"
         if voice.rate:
-            import soundfile as sf
-            import soxr
             x, sr = sf.read(str(tmp), dtype="float32")
             if sr != voice.rate:
                 sf.write(str(tmp), soxr.resample(x, sr, voice.rate), voice.rate, subtype="PCM_16")
