@@ -23,6 +23,9 @@ def test_metric_sanity():
     assert m.mcd(mc_a, mc_a) == 0.0 and m.mcd(mc_a, mc_b) > 1.0
     assert m.lf0_corr(lf0_a, lf0_a) == pytest.approx(1.0)
     assert abs(np.nanmedian(lf0_a) - np.log(120.0)) < 0.1
+    c = m.contour(a, 24000)
+    assert abs(c.shape[0] - lf0_a.shape[0]) <= 2 and np.mean(~np.isnan(c)) > 0.6  # same 5 ms grid, mostly voiced
+    assert abs(np.nanmedian(c) - np.log(120.0)) < 0.05 and abs(np.nanmedian(m.contour(b, 24000)) - np.log(220.0)) < 0.05
     e = m.embed(a, 24000)
     assert cosine(e, e) == pytest.approx(1.0)
 
@@ -40,6 +43,7 @@ def test_world_shift_keeps_the_contour():
     lf0_x, _ = Metrics.world(x, rate)
     lf0_y, _ = Metrics.world(y, rate)
     assert Metrics.lf0_corr(lf0_y, lf0_x) > 0.95
+    assert Metrics.lf0_corr(Metrics.contour(y, rate), Metrics.contour(x, rate)) > 0.95  # the metric's own tracker
     assert abs(np.nanmedian(lf0_y) - np.nanmedian(lf0_x) - np.log(1.5)) < 0.05
 
 
@@ -57,7 +61,7 @@ def test_testset_and_eval_report(tmp_path):
     assert set(res["summary"]) == {"student (streaming)", "dsp baseline", "world shift (contour ceiling)"}
     for s in res["summary"].values():
         o = s["overall"]
-        assert -1 <= o["sim_target"] <= 1 and o["mcd_db"] > 0 and o["rtf"] > 0
+        assert -1 <= o["sim_target"] <= 1 and o["mcd_db"] > 0 and o["rtf"] > 0 and "lf0_corr_harvest" in o
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["targets"] == ["awb", "slt"]
     assert "| dsp baseline | esm → slt |" in (tmp_path / "ev" / "eval.md").read_text()
     assert len(list((tmp_path / "ev" / "spectrograms").glob("*.png"))) == 2
