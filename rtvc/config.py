@@ -240,6 +240,11 @@ class TrainConfig:
     num_workers: int
     formant_warp: float
     spectral_eq_db: float
+    reverb_prob: float
+    reverb_rt60: tuple[float, ...]
+    reverb_drr_db: tuple[float, ...]
+    noise_prob: float
+    noise_snr_db: tuple[float, ...]
     speaker_adversarial: float
 
     def __post_init__(self) -> None:
@@ -250,6 +255,10 @@ class TrainConfig:
         _check(0 <= self.formant_warp < 0.5, "train.formant_warp must be in 0..0.5")
         _check(0 <= self.spectral_eq_db <= 24, "train.spectral_eq_db must be in 0..24 dB")
         _check(0 <= self.speaker_adversarial <= 10, "train.speaker_adversarial must be in 0..10")
+        _check(0 <= self.reverb_prob <= 1 and 0 <= self.noise_prob <= 1, "train.reverb_prob and noise_prob must be in 0..1")
+        for key, lo, hi in (("reverb_rt60", 0.05, 3.0), ("reverb_drr_db", -20.0, 40.0), ("noise_snr_db", -10.0, 60.0)):
+            r = getattr(self, key)
+            _check(len(r) == 2 and lo <= r[0] <= r[1] <= hi, f"train.{key} must be [low, high] within {lo:g}..{hi:g}")
         _check(self.student_target in ("teacher", "audio"), 'train.student_target must be "teacher" or "audio"')
         _check(self.num_workers >= 0 and self.adversarial_start >= 0 and self.student_finetune_steps >= 0,
                "train.num_workers, adversarial_start and student_finetune_steps must be >= 0")

@@ -9,7 +9,6 @@ decoder mels against the real audio, so it matches what it gets at conversion ti
 from __future__ import annotations
 
 import gc
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, ModelConfig
 from .data.dataset import Corpus, SegmentDataset
-from .frontend import PitchStats, mel_centers
+from .augment import ContentAugment, RoomAugment
+from .frontend import PitchStats
 from .vocoder import Discriminator, MultiResolutionSTFTLoss, Student, Teacher
 from .voice import VoiceModel
 from .vqvae import VQVAE
@@ -70,57 +70,6 @@ def teardown_distributed() -> None:
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
-
-
-class ContentAugment:
-    """Training augmentation for the content encoder: its input log-mel is changed in ways that say *who* speaks
-    and *through what*, never *what*, while the decoder must rebuild the unchanged mel of the segment's own
-    speaker; so the codes cannot carry them. Measured motive: an unseen source (kal, LPC diphone voice)
-    converted at similarity 0.77 to the targets where a training voice's unseen sentences reach 0.87.
-
-    * formant warp: the frequency axis scaled by a random factor per segment (log-uniform in [1/(1+w), 1+w]):
-      what a longer or shorter vocal tract does to formants (linear interpolation between mel bins at the
-      scaled centre frequencies);
-    * spectral colour: a random smooth gain curve per segment (3 cosine terms over the mel axis, at most
-      ``eq_db`` dB): voice quality (tilt of the glottal source) and microphone / room colouring.
-
-    Both act on un-normalised log-mel (bins have their own statistics: normalisation is undone and redone)."""
-
-    def __init__(self, cfg: ModelConfig, mel_mean: np.ndarray, mel_std: np.ndarray, width: float,
-                 eq_db: float = 0.0) -> None:
-        self.centers = mel_centers(cfg)
-        self.mean = torch.as_tensor(mel_mean, dtype=torch.float32)[:, None]
-        self.std = torch.as_tensor(mel_std, dtype=torch.float32)[:, None]
-        self.width, self.eq_db = width, eq_db
-        u = torch.linspace(0.0, 1.0, cfg.n_mels)
-        self.basis = torch.stack([torch.cos(math.pi * k * u) for k in (1, 2, 3)])  # [3, n_mels]
-
-    def matrix(self, alpha: float) -> torch.Tensor:
-        """[n_mels, n_mels] W with warped = W @ log_mel: output bin k reads the input at centre_k / alpha."""
-        n = self.centers.shape[0]
-        pos = np.interp(self.centers / alpha, self.centers, np.arange(n))  # fractional input bin, clamped
-        lo = np.minimum(np.floor(pos).astype(int), n - 2)
-        frac = pos - lo
-        w = np.zeros((n, n), np.float32)
-        w[np.arange(n), lo] = 1 - frac
-        w[np.arange(n), lo + 1] += frac
-        return torch.from_numpy(w)
-
-    def __call__(self, mel: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        """normalised mel [B, n_mels, T] -> the same, each segment warped and coloured by its own draw."""
-        if self.width <= 0 and self.eq_db <= 0:
-            return mel
-        mean, std = self.mean.to(mel.device), self.std.to(mel.device)
-        log_mel = mel * std + mean
-        if self.width > 0:
-            r = math.log1p(self.width)
-            alphas = torch.exp((2 * torch.rand(mel.shape[0], generator=gen) - 1) * r).tolist()
-            log_mel = torch.bmm(torch.stack([self.matrix(a) for a in alphas]).to(mel.device), log_mel)
-        if self.eq_db > 0:
-            # log-mel is ln(power): 1 dB = ln(10) / 10 nepers of power; 3 terms of at most eq_db/3 each
-            coef = (2 * torch.rand(mel.shape[0], 3, generator=gen) - 1) * (self.eq_db / 3 * math.log(10) / 10)
-            log_mel = log_mel + (coef @ self.basis).to(mel.device)[:, :, None]
-        return (log_mel - mean) / std
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -341,7 +290,7 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
     net, opt = r.wrap(model), r.optims["vqvae"]
     adv_net = r.wrap(adversary) if adversary is not None else None
     augment = ContentAugment(cfg.model, r.corpus.mel_mean, r.corpus.mel_std, cfg.train.formant_warp,
-                             cfg.train.spectral_eq_db)
+                             cfg.train.spectral_eq_db, RoomAugment(cfg.model, cfg.train, cfg.train.seed))
 
     def step(batch: dict) -> dict[str, float]:
         model.train()

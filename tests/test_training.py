@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from rtvc.checkpoint import CheckpointError, load_checkpoint
 from rtvc.data.dataset import Corpus, SegmentDataset
 from rtvc.data.prepare import CorpusError
-from rtvc.train import (ContentAugment, SpeakerAdversary, export_voice_model, teardown_distributed, train_student,
+from rtvc.train import (SpeakerAdversary, export_voice_model, teardown_distributed, train_student,
                         train_teacher, train_vqvae, vqvae_loss)
 from rtvc.voice import VoiceConverter, VoiceModel
 from rtvc.vqvae import VQVAE
@@ -227,39 +227,6 @@ def test_vqvae_with_speaker_adversary_trains_resumes_and_exports_without_it(prep
     train_vqvae(cfg, grown, ck, steps=4, progress=False, finetune=True)
     assert load_checkpoint(p, "vqvae")["models"]["speaker_adversary"]["net.4.weight"].shape[0] == 4
 
-
-def test_content_augment_warps_and_colours():
-    """Warp factor 1 is the identity; a spectral peak (a formant) moves by the factor in Hz, in un-normalised
-    log-mel (normalisation undone and redone); width and eq 0 leave the batch untouched; the colouring is a
-    smooth gain within its dB bound, constant over time."""
-    cfg = make_tiny_config().model
-    rng = np.random.default_rng(3)
-    mean, std = rng.normal(size=cfg.n_mels), 0.5 + rng.random(cfg.n_mels)
-    fw = ContentAugment(cfg, mean, std, 0.15, 0.0)
-    np.testing.assert_allclose(fw.matrix(1.0).numpy(), np.eye(cfg.n_mels), atol=1e-6)
-    k = cfg.n_mels // 2
-    log_mel = np.full(cfg.n_mels, -5.0)
-    log_mel[k] = 0.0
-    for alpha in (0.88, 1.13):
-        mel = torch.from_numpy(((log_mel - mean) / std)[None, :, None].astype(np.float32))
-        fw.width = 0.0
-        assert fw(mel) is mel
-        warped = (fw.matrix(alpha) @ torch.from_numpy(log_mel.astype(np.float32))).numpy() + 5.0
-        peak = np.interp((np.arange(cfg.n_mels) * warped).sum() / warped.sum(), np.arange(cfg.n_mels), fw.centers)
-        assert abs(peak / fw.centers[k] - alpha) < 0.02
-    fw.width = 0.15
-    x = torch.randn(6, cfg.n_mels, 5, generator=torch.Generator().manual_seed(0))
-    y = fw(x, torch.Generator().manual_seed(1))
-    assert y.shape == x.shape and not torch.allclose(y, x) and torch.isfinite(y).all()
-    # colour only: a smooth per-segment gain in dB, the same for every frame, within +-eq_db
-    fw.width, fw.eq_db = 0.0, 6.0
-    y = fw(x, torch.Generator().manual_seed(2))
-    gain_db = ((y - x) * torch.from_numpy(std).float()[None, :, None]) * 10 / np.log(10)
-    assert torch.allclose(gain_db, gain_db[:, :, :1], atol=1e-4) and gain_db.abs().max() <= 6.0 + 1e-4
-    assert gain_db.abs().max() > 1.0
-
-
-# ----------------------------------------------------------------------------------------------------- DDP
 
 def _batch(cfg, n: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(5)
