@@ -33,6 +33,9 @@ from .voice import VoiceModel
 from .vqvae import VQVAE
 
 STAGES = ("vqvae", "teacher", "student")
+# [train] keys only the VQ-VAE stage reads (its augmentation and adversary)
+VQVAE_TRAIN_KEYS = ("formant_warp", "spectral_eq_db", "reverb_prob", "reverb_rt60", "reverb_drr_db", "noise_prob",
+                    "noise_snr_db", "speaker_adversarial")
 
 
 @dataclass
@@ -449,6 +452,8 @@ def export_voice_model(ckpt_dir: str | Path, out: str | Path) -> Path:
         raise CheckpointError(f"{ckpt_dir}: student.pt and vqvae.pt were trained with different [model] framing "
                               f"({', '.join(framing)})")
     cfg = cfg.replace(**{f"{sec}.{k}": v for sec in ("model", "vqvae") for k, v in vq_cfg.to_dict()[sec].items()})
+    # ... and the VQ-VAE's own training recipe, so the file records how its encoder and decoder were trained
+    cfg = cfg.replace(**{f"train.{k}": getattr(vq_cfg.train, k) for k in VQVAE_TRAIN_KEYS})
     s = vq["stats"]
     model = VoiceModel(cfg, s["speakers"], {k: PitchStats(*v) for k, v in s["pitch"].items()}, PitchStats(*s["prior"]))
     model.vqvae.load_state_dict(vq["models"]["vqvae"])

@@ -202,10 +202,12 @@ def test_speaker_adversary_reverses_its_gradient_into_the_encoder():
 
 
 def test_vqvae_with_speaker_adversary_trains_resumes_and_exports_without_it(prepared, tmp_path):
-    """train.speaker_adversarial > 0: the classifier trains with the VQ-VAE, is checkpointed and resumed with it,
-    relearned (not reloaded) on a changed voice set, and never reaches the voice-model file."""
+    """train.speaker_adversarial > 0 (with the room augmentation on): the classifier trains with the VQ-VAE, is
+    checkpointed and resumed with it, relearned (not reloaded) on a changed voice set, and never reaches the
+    voice-model file, whose config records the VQ-VAE's recipe even when the student was trained under another."""
     cfg, cache = prepared
-    cfg = cfg.replace(**{"train.speaker_adversarial": 0.3, "train.student_target": "audio"})
+    cfg = cfg.replace(**{"train.speaker_adversarial": 0.3, "train.student_target": "audio", "train.reverb_prob": 0.5,
+                         "train.noise_prob": 0.5})
     ck = tmp_path / "ck"
     p = train_vqvae(cfg, cache, ck, steps=2, progress=False)
     first = load_checkpoint(p, "vqvae")
@@ -214,10 +216,13 @@ def test_vqvae_with_speaker_adversary_trains_resumes_and_exports_without_it(prep
     second = load_checkpoint(p, "vqvae")["models"]["speaker_adversary"]
     w0, w1 = first["models"]["speaker_adversary"]["net.0.weight"], second["net.0.weight"]
     assert not torch.equal(w0, w1) and (w1 - w0).abs().max() < 3 * cfg.train.learning_rate  # resumed, one step on
-    train_student(cfg, cache, ck, steps=1, progress=False)
+    plain = cfg.replace(**{"train.speaker_adversarial": 0.0, "train.reverb_prob": 0.0, "train.noise_prob": 0.0})
+    train_student(plain, cache, ck, steps=1, progress=False)
     model = VoiceModel.load(export_voice_model(ck, tmp_path / "model.pt"))
     assert not any("adversary" in k for k in torch.load(tmp_path / "model.pt", weights_only=False)["vqvae"])
     assert model.speakers
+    t = model.cfg.train
+    assert (t.speaker_adversarial, t.reverb_prob, t.noise_prob) == (0.3, 0.5, 0.5)
     from rtvc.data.prepare import prepare_corpus
 
     from conftest import write_folder_corpus
