@@ -24,6 +24,19 @@ from .batch import VoiceSlots
 from .voice import VoiceModel
 
 
+def _shorter(cmnd: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, tau_min: int, tau_max: int, loose: float,
+             margin: float) -> torch.Tensor:
+    """:func:`rtvc.frontend._shorter` per row: cmnd [N, tau_max+1], candidate periods g [N] -> [N]."""
+    for _ in range(2):
+        c = torch.floor(g.double() / 2 + 0.5).long()
+        lo, hi = (c - 2).clamp(min=tau_min), (c + 2).clamp(max=tau_max - 1)
+        near = (idx[None] >= lo[:, None]) & (idx[None] <= hi[:, None])
+        h = torch.argmin(torch.where(near, cmnd, math.inf), dim=1)  # first of equal minima, as the numba loop
+        dh, dg = cmnd.gather(1, h[:, None])[:, 0], cmnd.gather(1, g[:, None])[:, 0]
+        g = torch.where(near.any(1) & (h < g) & (dh < loose) & (dh < dg + margin), h, g)
+    return g
+
+
 def yin_torch(frames: torch.Tensor, cfg: ModelConfig, track: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """frames [N, win] -> (f0 Hz [N] float64, voiced [N] bool): one frame of each of N streams, each with its
     tracker state in ``track`` [N, 4] float64 (tracked period, frames since voiced, onset candidate period and
@@ -63,6 +76,10 @@ def yin_torch(frames: torch.Tensor, cfg: ModelConfig, track: torch.Tensor) -> tu
     ok_c = torch.isfinite(cost.gather(1, best_c[:, None])[:, 0])
     # rough onsets: the global minimum below the loose threshold, once its period held for confirm frames
     g = torch.argmin(torch.where(search, cmnd, math.inf), dim=1)
+    octave = cfg.yin_octave_margin
+    if octave > 0:  # an onset's candidates at the shortest period whose dip is nearly as deep
+        g = _shorter(cmnd, g, idx, tau_min, tau_max, cfg.yin_voicing_threshold, octave)
+        onset = _shorter(cmnd, onset, idx, tau_min, tau_max, cfg.yin_voicing_threshold, octave)
     cand_ok = cmnd.gather(1, g[:, None])[:, 0] < cfg.yin_voicing_threshold
     gd = g.double()
     energy = (x * x).mean(1)
