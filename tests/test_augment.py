@@ -110,7 +110,8 @@ def test_mel_reverb_decays_at_its_rt60_with_its_energy_ratio():
 def test_room_augment_draws_per_segment_and_is_off_at_zero():
     cfg = make_tiny_config()
     mean, std = np.zeros(cfg.model.n_mels), np.ones(cfg.model.n_mels)
-    off = ContentAugment(cfg.model, mean, std, 0.0, 0.0, RoomAugment(cfg.model, cfg.train))
+    zero = dataclasses.replace(cfg.train, reverb_prob=0.0, noise_prob=0.0)
+    off = ContentAugment(cfg.model, mean, std, 0.0, 0.0, RoomAugment(cfg.model, zero))
     x = torch.randn(8, cfg.model.n_mels, 20) - 4
     assert off.room is None and off(x) is x
     tr = dataclasses.replace(cfg.train, reverb_prob=0.5, noise_prob=0.5)
