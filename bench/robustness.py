@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from scipy.signal import lfilter
 
-from rtvc.evaluate import Metrics, _read, cosine, load_testset
+from rtvc.evaluate import Metrics, _read, contour_lag, cosine, load_testset
 from rtvc.frontend import measure_pitch
 from rtvc.voice import VoiceConverter, VoiceModel
 
@@ -72,7 +72,7 @@ def main() -> None:
     source, targets, items = load_testset(args.testset)
     items = items[: args.items]
     m = Metrics()
-    lag = round(1000.0 * model.frontend.analysis_delay / rate / 5.0)
+    lag = contour_lag(model)
     clean = [_read(it.source_wav, rate) for it in items]
     clean = [x[: x.size // model.cfg.model.hop_length * model.cfg.model.hop_length] for x in clean]
     src_lf0 = [m.contour(x, rate) for x in clean]

@@ -30,7 +30,8 @@ class RoomAugment:
       middle of an utterance). Power adds because a late tail is uncorrelated with the direct sound.
     * noise (probability ``noise_prob``): white noise through the frontend's own analysis (so each bin's level
       and frame-to-frame fluctuation are a real noise floor's), tilted by a random slope of -6..0 dB per octave
-      (white to brown: fans, hum, street), at an SNR drawn in ``noise_snr_db`` against the segment's mean power (as a waveform's SNR is).
+      (white to brown: fans, hum, street), at an SNR drawn in ``noise_snr_db`` against the segment's mean power
+      (bandwidth-weighted, as a waveform's SNR is).
     """
 
     BANK_FRAMES = 4096
@@ -72,7 +73,8 @@ class RoomAugment:
                damping: torch.Tensor) -> torch.Tensor:
         """power [B, M, T], rt60 / drr_db / damping [B] -> reverberant power [B, M, T]."""
         b, m, t = power.shape
-        rt = (rt60[:, None, None] * (1 - damping[:, None, None] * self.u.to(power.device)[None])).clamp(min=self.hop_s)  # [B, M, 1]
+        u = self.u.to(power.device)[None]
+        rt = (rt60[:, None, None] * (1 - damping[:, None, None] * u)).clamp(min=self.hop_s)  # [B, M, 1]
         d = torch.exp(-DECAY_60DB * self.hop_s / rt)  # power kept per frame
         # tail h[j] = a d^j (j >= 1) with sum_j a d^j = 10^(-drr/10): the reverberant / direct energy ratio
         a = torch.pow(10.0, -drr_db / 10)[:, None, None] * (1 - d) / d
@@ -81,7 +83,8 @@ class RoomAugment:
         pre = power.mean(dim=2, keepdim=True).expand(b, m, self.taps)  # speech before the segment
         x = torch.cat([pre, power], dim=2)
         n = x.shape[2] + self.taps
-        tail = torch.fft.irfft(torch.fft.rfft(x, n) * torch.fft.rfft(torch.cat([torch.zeros_like(h[..., :1]), h], 2), n), n)
+        kernel = torch.cat([torch.zeros_like(h[..., :1]), h], 2)  # no tail at lag 0: that is the direct sound
+        tail = torch.fft.irfft(torch.fft.rfft(x, n) * torch.fft.rfft(kernel, n), n)
         return power + tail[..., self.taps:self.taps + t].clamp(min=0)
 
     def noise(self, power: torch.Tensor, snr_db: torch.Tensor, slope_db: torch.Tensor,
@@ -102,7 +105,8 @@ class RoomAugment:
         power = torch.exp(log_mel)
         if self.reverb_prob > 0:
             on = (torch.rand(b, generator=gen) < self.reverb_prob).to(dev)
-            draws = [self._draw(b, self.rt60, gen), self._draw(b, self.drr_db, gen), 0.5 * torch.rand(b, generator=gen)]
+            draws = [self._draw(b, self.rt60, gen), self._draw(b, self.drr_db, gen),
+                     0.5 * torch.rand(b, generator=gen)]
             wet = self.reverb(power, *(v.to(dev) for v in draws))
             power = torch.where(on[:, None, None], wet, power)
         if self.noise_prob > 0:

@@ -34,7 +34,8 @@ MCEP_ORDER = 24
 CEILING = "world shift (contour ceiling)"
 METRIC_RATE = 16000
 FRAME_MS = 5.0  # WORLD / RAPT analysis frame period
-F0_RANGE = (50.0, 500.0)  # Hz searched by the contour metric's tracker: every voice here (medians 89-199 Hz) and its shifts
+# Hz searched by the contour metric's tracker: every voice here (medians 89-199 Hz) and its shifts
+F0_RANGE = (50.0, 500.0)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,12 @@ class Metrics:
         return float(np.corrcoef(a[ok], b[ok])[0, 1]) if ok.sum() > 10 else float("nan")
 
 
+def contour_lag(model) -> int:
+    """Metric frames (FRAME_MS) by which a voice model's output contour trails its input: the frontend's analysis
+    delay (a causal window's centre lies behind the hop it drives)."""
+    return round(1000.0 * model.frontend.analysis_delay / model.cfg.model.sample_rate / FRAME_MS)
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
@@ -207,14 +214,18 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
     # the model's output trails its input by the frontend's analysis delay (a causal window's centre lies behind
     # the hop it drives): contours are compared at that delay, as MCD's DTW aligns spectra (the DSP baseline has
     # none); the unaligned figure is kept in the rows as lf0_corr_unaligned
-    lag = round(1000.0 * model.frontend.analysis_delay / rate / FRAME_MS)
+    lag = contour_lag(model)
     lags = {name: (0 if name in ("dsp baseline", CEILING) else lag) for name in systems}
     rows: list[dict] = []
     jobs = [(it, tgt) for it in items for tgt in targets]
+    # jobs run sentence by sentence: the source's audio and contours are read and analysed once per sentence
+    source_cache: dict[Path, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for k, (it, tgt) in enumerate(tqdm(jobs, desc="eval", unit="pair", disable=not progress)):
-        x = _read(it.source_wav, rate)
+        if it.source_wav not in source_cache:
+            x = _read(it.source_wav, rate)
+            source_cache = {it.source_wav: (x, metrics.contour(x, rate), metrics.world(x, rate)[0])}
+        x, src_lf0, src_harvest = source_cache[it.source_wav]
         ref = _read(it.refs[tgt], rate)
-        src_lf0, src_harvest = metrics.contour(x, rate), metrics.world(x, rate)[0]
         _, ref_mc = metrics.world(ref, rate)
         outs: dict[str, tuple[np.ndarray, float]] = {}
         vc = VoiceConverter(model, tgt, source=source_stats)

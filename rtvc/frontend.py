@@ -102,7 +102,7 @@ def _shorter(d, g, tau_min, tau_max, loose, margin):  # pragma: no cover
     can be the first below the strict threshold, or the deepest (held-out source: the first 0.2 s of one sentence
     at 52 Hz instead of 100), and continuity, which never jumps an octave, then holds the voice an octave low for
     the whole stretch. Onsets only: checking continuing frames too (moving up to a strictly deeper half-period
-    dip) made 2.2% of the held-out source's frames an octave high (vs RAPT, 20 sentences).""" 
+    dip) made 2.2% of the held-out source's frames an octave high (vs RAPT, 20 sentences)."""
     for _ in range(2):
         c = int(g / 2 + 0.5)
         if c + 2 < tau_min:  # no half period within the search range

@@ -122,7 +122,8 @@ def test_room_augment_draws_per_segment_and_is_off_at_zero():
     assert (y >= x - 1e-4).all()  # a room and noise only ever add power
 
 
-@pytest.mark.parametrize("key,value,match", [("reverb_prob", 1.5, "reverb_prob"), ("noise_snr_db", [30.0, 5.0], "noise_snr_db"),
+@pytest.mark.parametrize("key,value,match", [("reverb_prob", 1.5, "reverb_prob"),
+                                             ("noise_snr_db", [30.0, 5.0], "noise_snr_db"),
                                              ("reverb_rt60", [0.5], "reverb_rt60")])
 def test_room_config_is_validated(key, value, match):
     from rtvc.config import Config
