@@ -106,6 +106,7 @@ class ModelConfig:
     yin_confirm_frames: int
     yin_release_frames: int
     yin_octave_margin: float
+    yin_onset_range: float
 
     def __post_init__(self) -> None:
         _check(8000 <= self.sample_rate <= 96000, f"model.sample_rate={self.sample_rate} must be in 8000..96000")
@@ -127,6 +128,7 @@ class ModelConfig:
         _check(self.yin_hold_frames >= 1, "model.yin_hold_frames must be >= 1")
         _check(self.yin_confirm_frames >= 1, "model.yin_confirm_frames must be >= 1")
         _check(0 <= self.yin_octave_margin <= 1, "model.yin_octave_margin must be in 0..1 (0 = off)")
+        _check(0 <= self.yin_onset_range <= 2, "model.yin_onset_range must be in 0..2 (natural-log ratio; 0 = off)")
         _check(0 <= self.yin_release_frames <= self.yin_hold_frames,
                "model.yin_release_frames must be in 0..model.yin_hold_frames")
 
@@ -423,7 +425,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 # Keys added after models were saved without them, whose default would change what such a model computes: the
 # value that rebuilds those models (section, key) -> value.
-BUILT_WITHOUT: dict[tuple[str, str], Any] = {("vqvae", "encoder_cepstra"): 0, ("model", "yin_octave_margin"): 0.0}
+BUILT_WITHOUT: dict[tuple[str, str], Any] = {("vqvae", "encoder_cepstra"): 0, ("model", "yin_octave_margin"): 0.0,
+                                              ("model", "yin_onset_range"): 0.0}
 
 
 def default_dict() -> dict[str, Any]:

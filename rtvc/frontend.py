@@ -95,6 +95,11 @@ def mel_centers(cfg: ModelConfig) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ pitch
 
+TRACK = 6  # tracker state entries (see new_track)
+# In-range rough onsets (model.yin_onset_range) need the speaker's mean ln F0 from at least this many voiced frames
+# (50 ms; or a calibration), which then follows the last ~RANGE_FRAMES voiced frames (5 s of voicing)
+ONSET_RANGE_AFTER, RANGE_FRAMES = 5.0, 500.0
+
 @njit(cache=True)
 def _shorter(d, g, tau_min, tau_max, loose, margin):  # pragma: no cover
     """Octave check of a period candidate ``g`` on the normalised difference ``d``: the dip near g/2 (twice, for
@@ -118,8 +123,8 @@ def _shorter(d, g, tau_min, tau_max, loose, margin):  # pragma: no cover
 
 
 @njit(cache=True)
-def _yin(frames, sr, fmin, fmax, threshold, loose, max_jump, hold, confirm, release, octave, dec, track, f0,
-         voiced):  # pragma: no cover
+def _yin(frames, sr, fmin, fmax, threshold, loose, max_jump, hold, confirm, release, octave, onset_range, dec,
+         track, f0, voiced):  # pragma: no cover
     n, w = frames.shape
     m = w // dec
     x = np.empty(m, np.float64)
@@ -194,7 +199,9 @@ def _yin(frames, sr, fmin, fmax, threshold, loose, max_jump, hold, confirm, rele
         else:
             track[2] = 0.0
             track[3] = 0.0
-        if best < 0 and not cont and track[3] >= confirm:
+        if best < 0 and not cont and (track[3] >= confirm or (
+                onset_range > 0 and track[3] >= 1 and track[5] >= ONSET_RANGE_AFTER
+                and abs(math.log(rate / g) - track[4]) <= onset_range)):
             best = g
         if best < 0:
             if track[0] > 0 and track[1] <= release:
@@ -211,19 +218,34 @@ def _yin(frames, sr, fmin, fmax, threshold, loose, max_jump, hold, confirm, rele
         track[1] = 0.0
         f0[i] = rate / (best + shift)
         voiced[i] = True
+        # the speaker's running mean ln F0 (cumulative, then over the last ~RANGE_FRAMES voiced frames)
+        track[5] += 1.0
+        track[4] += (math.log(f0[i]) - track[4]) / min(track[5], RANGE_FRAMES)
+
+
+def new_track(known: PitchStats | None = None) -> np.ndarray:
+    """A fresh tracker state [TRACK] float64: tracked period, frames since voiced, onset candidate period and count,
+    running mean ln F0 and its voiced-frame count. A ``known`` speaker (measured pitch statistics, a calibration)
+    starts with its mean, so in-range onsets start at once from the first word."""
+    track = np.zeros(TRACK)
+    if known is not None:
+        track[4], track[5] = known.mean, ONSET_RANGE_AFTER
+    return track
 
 
 def yin(frames: np.ndarray, cfg: ModelConfig, track: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """frames [N, win] float32 -> (f0 Hz [N] float64, voiced bool [N]); ``track`` [4] float64 is the tracker's
-    state (continued and updated in place when streaming; fresh when None)."""
+    """frames [N, win] float32 -> (f0 Hz [N] float64, voiced bool [N]); ``track`` [TRACK] float64 is the tracker's
+    state (:func:`new_track`; continued and updated in place when streaming; fresh when None)."""
     frames = np.ascontiguousarray(frames, dtype=np.float32)
     n = frames.shape[0]
     f0, voiced = np.zeros(n, np.float64), np.zeros(n, np.bool_)
     dec = max(1, cfg.sample_rate // 12000)
-    track = np.zeros(4) if track is None else track
+    track = new_track() if track is None else track
+    if track.shape != (TRACK,):
+        raise ValueError(f"pitch tracker state must have shape ({TRACK},), got {track.shape}")
     _yin(frames, float(cfg.sample_rate), cfg.f0_min, cfg.f0_max, cfg.yin_threshold, cfg.yin_voicing_threshold,
          cfg.yin_max_jump, cfg.yin_hold_frames, cfg.yin_confirm_frames, cfg.yin_release_frames, cfg.yin_octave_margin,
-         dec, track, f0, voiced)
+         cfg.yin_onset_range, dec, track, f0, voiced)
     return f0, voiced
 
 
@@ -302,16 +324,18 @@ def measure_pitch(wav: np.ndarray, cfg: ModelConfig) -> PitchStats:
 
 
 class SourcePitch:
-    """One stream's causal pitch path: YIN tracker (state: tracked period, frames since voiced, onset candidate
-    period and count) -> mapping to the target's range (:class:`PitchMapper`) -> decoder features
+    """One stream's causal pitch path: YIN tracker (state: :func:`new_track`; a measured source's mean ln F0 seeds
+    its onset range) -> mapping to the target's range (:class:`PitchMapper`) -> decoder features
     (:func:`lf0_features`, held log-F0)."""
 
     def __init__(self, cfg: ModelConfig, prior: PitchStats, known: bool = False) -> None:
-        self.cfg, self.mapper, self.track, self.held = cfg, PitchMapper(prior, known), np.zeros(4), 0.0
+        self.cfg, self.mapper, self.held = cfg, PitchMapper(prior, known), 0.0
+        self.known = prior if known else None
+        self.track = new_track(self.known)
 
     def reset(self) -> None:
         self.mapper.reset()
-        self.track[:] = 0.0
+        self.track[:] = new_track(self.known)
         self.held = 0.0
 
     def __call__(self, frames: np.ndarray, target: PitchStats, transpose: float) -> np.ndarray:

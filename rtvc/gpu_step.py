@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .frontend import LF0_MEAN, LF0_STD, PitchMapper, PitchStats
+from .frontend import LF0_MEAN, LF0_STD, ONSET_RANGE_AFTER, RANGE_FRAMES, TRACK, PitchMapper, PitchStats, new_track
 from .batch import VoiceSlots
 from .voice import VoiceModel
 
@@ -39,8 +39,8 @@ def _shorter(cmnd: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, tau_min: in
 
 def yin_torch(frames: torch.Tensor, cfg: ModelConfig, track: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """frames [N, win] -> (f0 Hz [N] float64, voiced [N] bool): one frame of each of N streams, each with its
-    tracker state in ``track`` [N, 4] float64 (tracked period, frames since voiced, onset candidate period and
-    count), updated in place; the same decisions as :func:`rtvc.frontend.yin` (numba), vectorised over streams."""
+    tracker state in ``track`` [N, TRACK] float64 (:func:`rtvc.frontend.new_track`), updated in place; the same
+    decisions as :func:`rtvc.frontend.yin` (numba), vectorised over streams."""
     sr = cfg.sample_rate
     dec = max(1, sr // 12000)
     x = frames.double()
@@ -88,15 +88,22 @@ def yin_torch(frames: torch.Tensor, cfg: ModelConfig, track: torch.Tensor) -> tu
     same = (last > 0) & (torch.abs(torch.log(gd / torch.where(last > 0, last, 1.0))) <= cfg.yin_max_jump)
     count = torch.where(cand_ok, torch.where(same, track[:, 3] + 1.0, torch.ones_like(gd)), torch.zeros_like(gd))
     cand = torch.where(cand_ok, gd, torch.zeros_like(gd))
-    periodic = torch.where(cont, ok_c, found | (count >= cfg.yin_confirm_frames))
+    confirmed = count >= cfg.yin_confirm_frames
+    if cfg.yin_onset_range > 0:  # in the speaker's range: at the first frame
+        near = torch.abs(torch.log(rate / gd) - track[:, 4]) <= cfg.yin_onset_range
+        confirmed = confirmed | ((count >= 1) & (track[:, 5] >= ONSET_RANGE_AFTER) & near)
+    periodic = torch.where(cont, ok_c, found | confirmed)
     best = torch.where(cont, best_c, torch.where(found, onset, g)).clamp(min=1, max=tau_max - 1)
     a, b, c = (cmnd.gather(1, (best + o)[:, None])[:, 0] for o in (-1, 0, 1))
     den = a - 2 * b + c
     shift = torch.where(den > 0, 0.5 * (a - c) / torch.where(den > 0, den, 1.0), torch.zeros_like(den))
     voiced = periodic & (energy >= 1e-7)
     period = best + shift
+    seen = track[:, 5] + voiced.double()
+    lf = torch.log(rate / period)
+    mean = torch.where(voiced, track[:, 4] + (lf - track[:, 4]) / seen.clamp(min=1.0, max=RANGE_FRAMES), track[:, 4])
     track.copy_(torch.stack([torch.where(voiced, period, prev), torch.where(voiced, torch.zeros_like(gap), gap),
-                             cand, count], 1))
+                             cand, count, mean, seen], 1))
     # release: the last tracked period sounds on for yin_release_frames unvoiced frames (state untouched)
     held = ~voiced & (prev > 0) & (gap <= cfg.yin_release_frames) & (energy >= 1e-7)
     f0 = torch.where(voiced, rate / period, torch.where(held, rate / torch.where(prev > 0, prev, 1.0), 0.0))
@@ -129,7 +136,7 @@ class GraphStep:
         self.p_weights = torch.tensor([PitchMapper.UNKNOWN] * slots, dtype=f64, device=dev)  # [S, 2] PitchMapper
         self.p_seen = torch.zeros(slots, dtype=f64, device=dev)
         self.held = torch.zeros(slots, dtype=torch.float32, device=dev)
-        self.track = torch.zeros(slots, 4, dtype=f64, device=dev)  # YIN tracker state (see yin_torch)
+        self.track = torch.zeros(slots, TRACK, dtype=f64, device=dev)  # YIN tracker state (see yin_torch)
         self.alpha = 1.0 / tau_frames
         self.states = [t for m in self.model._streaming_children() if m._state is not None
                        for t in vars(m._state).values() if isinstance(t, torch.Tensor)] + \
@@ -147,7 +154,7 @@ class GraphStep:
         self.p_weights[slot] = torch.tensor(PitchMapper.KNOWN if known else PitchMapper.UNKNOWN, dtype=torch.float64)
         self.p_seen[slot] = 0.0
         self.held[slot] = 0.0
-        self.track[slot] = 0.0
+        self.track[slot] = torch.from_numpy(new_track(prior if known else None))
 
     @torch.inference_mode()
     def _step(self) -> None:

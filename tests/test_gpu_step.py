@@ -3,12 +3,14 @@ step with idle slots == each stream converted alone (CPU eagerly here; on a GPU 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from rtvc.config import load_config
-from rtvc.frontend import Frontend, yin
+from rtvc.frontend import Frontend, PitchStats, new_track, yin
 from rtvc.gpu_step import GraphStep, yin_torch
 from rtvc.voice import VoiceConverter, make_voice_model
 
@@ -18,7 +20,7 @@ CFG = load_config()
 
 
 def test_yin_torch_matches_numba():
-    """Three streams side by side, one frame per call (as GraphStep runs it), each row with its own tracker state,
+    """Four streams side by side, one frame per call (as GraphStep runs it), each row with its own tracker state,
     against the numba tracker run over each stream alone; noise makes rough frames, so every rule is exercised."""
     frames = []
     for seed in (0, 1, 2):
@@ -26,12 +28,19 @@ def test_yin_torch_matches_numba():
         x = x[: x.shape[0] // 240 * 240]
         x = x + (0.01 + 0.03 * seed) * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
         frames.append(Frontend(CFG.model).frames(x[None])[0])
-    frames = torch.stack(frames)                               # [3, N, win]
-    track = torch.zeros(3, 4, dtype=torch.float64)
+    # a clean tone, a pause and the tone in noise: a rough onset in the running range (model.yin_onset_range)
+    t = np.arange(9600) / 24000
+    tone = np.sin(2 * np.pi * 130 * t)
+    rough = tone + 0.7 * np.random.default_rng(4).standard_normal(t.shape)
+    x = torch.from_numpy(np.concatenate([tone, np.zeros(4800), rough]).astype(np.float32))
+    frames.append(Frontend(CFG.model).frames(x[None])[0])
+    frames = torch.stack(frames)                               # [4, N, win]
+    known = [None, PitchStats(math.log(120.0), 0.2), None, None]  # row 1: a calibrated speaker (range from the start)
+    track = torch.from_numpy(np.stack([new_track(k) for k in known]))
     f0_t, voiced_t = zip(*(yin_torch(frames[:, k], CFG.model, track) for k in range(frames.shape[1])))
     f0_t, voiced_t = torch.stack(f0_t, 1), torch.stack(voiced_t, 1)
-    for i in range(3):
-        f0, voiced = yin(frames[i].numpy(), CFG.model)
+    for i in range(4):
+        f0, voiced = yin(frames[i].numpy(), CFG.model, new_track(known[i]))
         assert np.array_equal(voiced, voiced_t[i].numpy()) and voiced.sum() > 20
         np.testing.assert_allclose(f0_t[i].numpy(), f0, rtol=1e-5, atol=1e-3)
 

@@ -316,6 +316,34 @@ def test_yin_voicing_rules():
             assert not yin(fr, strict)[1].any()
 
 
+def test_yin_onset_range():
+    """A rough onset (130 Hz in noise) after a pause is voiced at its first fully analysed frame when its F0 is
+    within model.yin_onset_range of the speaker's running mean (a clean 130 Hz stretch before the pause), and only
+    after yin_confirm_frames with the range off; a fresh tracker needs the range armed (5 voiced frames) or a
+    calibration's mean (:func:`new_track`), whose distance from the onset decides."""
+    import dataclasses
+    from rtvc.frontend import Frontend, PitchStats, new_track, yin
+    m = CFG.model
+    assert m.yin_onset_range > 0
+    rng = np.random.default_rng(0)
+    t = np.arange(12000) / 24000
+    clean, rough = np.sin(2 * np.pi * 130 * t), np.sin(2 * np.pi * 130 * t) + 0.7 * rng.standard_normal(t.shape)
+    fe = Frontend(m)
+    x = np.concatenate([clean, np.zeros(4800), rough]).astype(np.float32)
+    fr = fe.frames(torch.from_numpy(x)[None])[0].numpy()
+    inside = (12000 + 4800) // m.hop_length + m.win_length // m.hop_length - 1  # first frame all rough voice
+    off = dataclasses.replace(m, yin_onset_range=0.0)
+    for cfg, want in ((m, inside), (off, inside + m.yin_confirm_frames - 1)):
+        f0, v = yin(fr, cfg)
+        assert np.flatnonzero(v[inside - 3:])[0] + inside - 3 == want
+        assert v[want:].all() and abs(np.median(f0[want:]) - 130) < 6
+    fr = fe.frames(torch.from_numpy(rough.astype(np.float32))[None])[0].numpy()
+    first = m.win_length // m.hop_length - 1
+    for track, want in ((None, first + m.yin_confirm_frames - 1), (new_track(PitchStats(math.log(130), 0.1)), first),
+                        (new_track(PitchStats(math.log(260), 0.1)), first + m.yin_confirm_frames - 1)):
+        assert np.flatnonzero(yin(fr, m, track)[1])[0] == want
+
+
 def test_yin_tracker_rejects_jumps():
     """Continuing a voiced stretch, the tracker follows a glide but never jumps more than yin_max_jump per frame:
     a 120 Hz tone whose frames from 0.5 s on carry a strong 600 Hz partial (a dip at a 5x shorter lag, what voiced
