@@ -136,6 +136,23 @@ def debian_packages(names: list[str] | None = None) -> list[str]:
     return sorted({p for v in VOICES if names is None or v.name in names for p in v.packages})
 
 
+def synthesize(voice: TTSVoice, text: str, wav: Path) -> str | None:
+    """Write ``wav`` (+ its ``.txt``) with one sentence; the engine's complaint when it wrote no audio (festival
+    exits 0 on some errors, leaving an empty file), else None."""
+    tmp = wav.with_suffix(".tmp.wav")
+    r = subprocess.run(voice.command(text, tmp), input=voice.stdin(text), capture_output=True, text=True)
+    if r.returncode != 0 or not tmp.exists() or tmp.stat().st_size <= 44:  # 44 bytes: a WAV header alone
+        tmp.unlink(missing_ok=True)
+        return r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit status {r.returncode}"
+    if voice.rate:
+        x, sr = sf.read(str(tmp), dtype="float32")
+        if sr != voice.rate:
+            sf.write(str(tmp), soxr.resample(x, sr, voice.rate), voice.rate, subtype="PCM_16")
+    wav.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+    tmp.replace(wav)
+    return None
+
+
 def available_voices() -> list[TTSVoice]:
     return [v for v in VOICES if v.installed]
 
@@ -169,21 +186,7 @@ def synth_corpus(out_dir: str | Path, n_sentences: int = 200, voices: list[str] 
                 jobs_list.append((have[name], text, wav))
 
     def run(job: tuple[TTSVoice, str, Path]) -> str | None:
-        """Synthesise one sentence; the engine's complaint when it wrote no audio (festival exits 0 on some
-        errors, leaving an empty file)."""
-        voice, text, wav = job
-        tmp = wav.with_suffix(".tmp.wav")
-        r = subprocess.run(voice.command(text, tmp), input=voice.stdin(text), capture_output=True, text=True)
-        if r.returncode != 0 or not tmp.exists() or tmp.stat().st_size <= 44:  # 44 bytes: a WAV header alone
-            tmp.unlink(missing_ok=True)
-            return r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit status {r.returncode}"
-        if voice.rate:
-            x, sr = sf.read(str(tmp), dtype="float32")
-            if sr != voice.rate:
-                sf.write(str(tmp), soxr.resample(x, sr, voice.rate), voice.rate, subtype="PCM_16")
-        wav.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
-        tmp.replace(wav)
-        return None
+        return synthesize(*job)
 
     failed: dict[str, list[str]] = {}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
