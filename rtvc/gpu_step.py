@@ -154,7 +154,7 @@ class GraphStep:
         self.p_weights[slot] = torch.tensor(PitchMapper.KNOWN if known else PitchMapper.UNKNOWN, dtype=torch.float64)
         self.p_seen[slot] = 0.0
         self.held[slot] = 0.0
-        self.track[slot] = torch.from_numpy(new_track(prior if known else None))
+        self.track[slot] = torch.from_numpy(new_track(prior if known else None)).to(self.track.device)
 
     @torch.inference_mode()
     def _step(self) -> None:
