@@ -51,8 +51,9 @@ def _run(device: str, use_graph: bool) -> None:
     hop = step.hop
     plans = {0: ("a", 0.0), 2: ("c", 3.0), 3: ("b", -2.0)}  # slot 1 stays free
     xs = {s: _speech_like(0.5, 24000, 20 + s) for s in plans}
+    known = {0: None, 2: PitchStats(math.log(130.0), 0.15), 3: None}  # slot 2: a calibrated speaker
     for s, (v, tr) in plans.items():
-        step.reset_slot(s)
+        step.reset_slot(s, known[s])
         step.speaker[s] = names.index(v)
         step.transpose[s] = tr
     got = {s: [] for s in plans}
@@ -67,7 +68,7 @@ def _run(device: str, use_graph: bool) -> None:
                 got[s].append((k, out[s].copy()))
         assert not out[1].any()
     for s, (v, tr) in plans.items():
-        single = VoiceConverter(make_voice_model(CFG, names, seed=5), v, tr)
+        single = VoiceConverter(make_voice_model(CFG, names, seed=5), v, tr, source=known[s])
         ref = np.concatenate([single.convert(xs[s][k * hop:(k + 1) * hop]) for k, _ in got[s]])
         mine = np.concatenate([y for _, y in got[s]])
         assert np.abs(mine - ref).max() <= 1e-4, (s, np.abs(mine - ref).max())
