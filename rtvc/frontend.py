@@ -338,6 +338,13 @@ class SourcePitch:
         self.track[:] = new_track(self.known)
         self.held = 0.0
 
+    def set_prior(self, prior: PitchStats, known: bool = False) -> None:
+        """A new calibration (or none): the pitch mapping's statistics restart from ``prior``, and so does the
+        tracker's running mean (the onset range's centre); the tracked period carries on."""
+        self.mapper = PitchMapper(prior, known)
+        self.known = prior if known else None
+        self.track[4:] = new_track(self.known)[4:]
+
     def __call__(self, frames: np.ndarray, target: PitchStats, transpose: float) -> np.ndarray:
         """frames [N, win] (the frontend's analysis windows) -> decoder pitch input [2, N] float32."""
         f0, voiced = yin(frames, self.cfg, self.track)

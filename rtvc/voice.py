@@ -19,7 +19,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .config import Config
-from .frontend import Frontend, PitchMapper, PitchStats, SourcePitch
+from .frontend import Frontend, PitchStats, SourcePitch
 from .streaming import StreamingModule
 from .vocoder import Student
 from .vqvae import VQVAE
@@ -191,7 +191,7 @@ class VoiceConverter:
     def set_source(self, source: PitchStats | None) -> None:
         """A newly measured (or forgotten: None) source pitch range; restarts the pitch mapping's statistics."""
         self.source = source
-        self.source_pitch.mapper = PitchMapper(*self.model.pitch_prior(source))
+        self.source_pitch.set_prior(*self.model.pitch_prior(source))
 
     def convert_offline(self, x: np.ndarray) -> np.ndarray:
         """Whole utterance [n] (padded to whole hops, then trimmed back) in one offline forward, no state.

@@ -408,3 +408,18 @@ def test_pitch_mapping_with_a_measured_source():
     assert abs(lm.mean() - target.mean) < 0.02
     with pytest.raises(ValueError, match="voiced"):
         measure_pitch(np.random.default_rng(0).standard_normal(24000).astype(np.float32), m)
+
+
+def test_set_source_seeds_the_onset_range():
+    """A calibration given to a running converter (``set_source``) centres the tracker's onset range on it, as one
+    given at construction does, survives ``reset``, and forgetting it (None) clears the centre."""
+    from rtvc.frontend import ONSET_RANGE_AFTER, PitchStats, new_track
+    vc = VoiceConverter(make_voice_model(CFG, ["a"], seed=1), "a")
+    assert np.array_equal(vc.source_pitch.track, new_track())
+    st = PitchStats(math.log(120.0), 0.15)
+    vc.set_source(st)
+    assert vc.source_pitch.track[4] == st.mean and vc.source_pitch.track[5] == ONSET_RANGE_AFTER
+    vc.reset()
+    assert np.array_equal(vc.source_pitch.track, VoiceConverter(vc.model, "a", source=st).source_pitch.track)
+    vc.set_source(None)
+    assert not vc.source_pitch.track[4:].any()
