@@ -105,11 +105,14 @@ def _parser() -> argparse.ArgumentParser:
                          "corpus gained voices (new speaker rows; the checkpoint's mel normalisation is kept)")
     tr.add_argument("--init", metavar="MODEL",
                     help="start a stage that has no checkpoint yet from a voice-model file's weights (vqvae or "
-                         "student; e.g. rtvc/models/default.pt to add your voices to the bundled ones); implies "
-                         "--finetune")
+                         "student; e.g. rtvc/models/default.pt to add your voices to the bundled ones), or a teacher "
+                         "in its mel normalisation (a voice model holds no teacher); implies --finetune")
 
     ex = sub.add_parser("export", help="bundle vqvae.pt + student.pt into one voice model file")
     ex.add_argument("--out", help="output file (default: <paths.checkpoint_dir>/model.pt)")
+    ex.add_argument("--teacher", metavar="OUT",
+                    help="instead, write teacher.pt without its optimiser and discriminator (a third of the size): "
+                         "what `rtvc eval --teacher` and distillation read")
 
     sv = sub.add_parser("serve", help="websocket server for many concurrent streams (protocol v1)",
                         description="Serves ws://HOST:PORT/v1/stream, /healthz, /metrics, /v1/voices and the web client "
@@ -280,8 +283,11 @@ def _cmd_train(cfg: Config, a: argparse.Namespace) -> int:
 
 
 def _cmd_export(cfg: Config, a: argparse.Namespace) -> int:
-    from .train import export_voice_model
+    from .train import export_teacher, export_voice_model
     ckpt = Path(cfg.paths.checkpoint_dir)
+    if a.teacher:
+        print(f"teacher: {export_teacher(ckpt, a.teacher)}")
+        return 0
     print(f"voice model: {export_voice_model(ckpt, a.out or ckpt / 'model.pt')}")
     return 0
 

@@ -192,7 +192,7 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
     if not targets:
         raise ValueError(f"none of the test set's target voices are in the model ({model.speakers})")
     items = items[:max_items] if max_items else items
-    teacher = _load_teacher(teacher_path) if teacher_path else None
+    teacher = _load_teacher(teacher_path, model) if teacher_path else None
     metrics = Metrics()
     out = Path(out_dir)
     (out / "spectrograms").mkdir(parents=True, exist_ok=True)
@@ -302,14 +302,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load_teacher(path: str | Path):
+def _load_teacher(path: str | Path, model):
+    """The teacher checkpoint at ``path``, checked against the voice model whose decoder mels it will vocode."""
+    import torch
     from .checkpoint import load_checkpoint
     from .config import Config
     from .vocoder import Teacher
     ck = load_checkpoint(path, kind="teacher")
     cfg = Config.from_saved(ck["config"])
-    t = Teacher(cfg.model.n_mels, cfg.teacher)
+    t = Teacher.build(cfg)
     t.load_state_dict(ck["models"]["teacher"])
+    if cfg.model.hop_length != model.cfg.model.hop_length or cfg.model.n_mels != model.cfg.model.n_mels or \
+            not torch.allclose(t.synth.mel_mean, model.frontend.mel_mean):
+        raise ValueError(f"{path}: the teacher was trained on other mels than the voice model's (its mel "
+                         f"normalisation or frame differs); train it for this model with `rtvc train teacher "
+                         f"--init MODEL`")
     return t.eval()
 
 
@@ -320,7 +327,6 @@ def _teacher_pipeline(model, teacher, x: np.ndarray, voice: str, source=None) ->
     vc = VoiceConverter(model, voice, fused=False, source=source)
     vc.model.stop_streaming()
     n = x.shape[0]
-    mel = vc._run(torch.from_numpy(np.pad(x, (0, (-n) % vc.hop)))[None], mel_only=True)
     with torch.no_grad():
-        torch.manual_seed(0)
-        return teacher(mel)[0, 0].numpy()[:n]
+        mel, pitch = vc._run(torch.from_numpy(np.pad(x, (0, (-n) % vc.hop)))[None], mel_only=True)
+        return teacher(mel, pitch)[0, 0].numpy()[:n]

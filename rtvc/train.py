@@ -249,14 +249,16 @@ class StageRunner:
 
 def stage_from_voice_model(path: str | Path, stage: str) -> dict:
     """A stage checkpoint (step 0, fresh optimisers) holding a voice-model file's weights and corpus statistics:
-    e.g. the bundled default voices continued on a corpus with the user's own voices added."""
-    if stage not in ("vqvae", "student"):
-        raise CheckpointError(f"a voice model holds a VQ-VAE and a student vocoder, not a {stage}")
+    e.g. the bundled default voices continued on a corpus with the user's own voices added. A voice model holds
+    no teacher: ``teacher`` gives its statistics alone, so a new teacher learns in that model's mel normalisation
+    (the mels its decoder emits, what the offline teacher pipeline vocodes)."""
+    if stage not in STAGES:
+        raise CheckpointError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
     ck = load_checkpoint(path, kind="voice_model")
     stats = {"speakers": ck["speakers"], "mel_mean": ck["frontend"]["mel_mean"].tolist(),
              "mel_std": ck["frontend"]["mel_std"].tolist(), "pitch": ck["pitch"], "prior": ck["prior"]}
-    return {"kind": stage, "config": ck["config"], "step": 0, "stats": stats, "models": {stage: ck[stage]},
-            "optims": {}}
+    return {"kind": stage, "config": ck["config"], "step": 0, "stats": stats,
+            "models": {stage: ck[stage]} if stage in ck else {}, "optims": {}}
 
 
 def _speaker_rows(state: dict, old: list[str], new: list[str], key: str = "speakers.weight") -> dict:
@@ -338,7 +340,8 @@ def train_teacher(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
     d = setup_distributed()
     torch.manual_seed(cfg.train.seed)
     r = StageRunner("teacher", cfg, cache, ckpt_dir, d, finetune, init)
-    teacher = r.add("teacher", Teacher(cfg.model.n_mels, cfg.teacher))
+    teacher = r.add("teacher", Teacher.build(cfg))
+    _synth_stats(teacher, r.corpus)
     disc = r.wrap(r.add("disc", Discriminator()))
     r.resume()
     net, opt = r.wrap(teacher), r.optims["teacher"]
@@ -347,7 +350,7 @@ def train_teacher(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
     def step(batch: dict) -> dict[str, float]:
         teacher.train()
         y = batch["wav"][:, None]
-        y_hat = net(batch["mel"])
+        y_hat = net(batch["mel"], batch["pitch"])
         loss = stft_loss(stft, y_hat, y)
         logs = {"stft": loss.item()}
         loss, adv_logs = _adversarial(r, loss, y_hat, y, disc)
@@ -358,12 +361,19 @@ def train_teacher(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
         teacher.eval()
         with torch.no_grad():
             b = _batch_segments(r.corpus, cfg.train.vocoder_segment_hops, 4, d.device, 0)
-            y_hat = teacher(b["mel"])
+            y_hat = teacher(b["mel"], b["pitch"])
             _save_audio(r, b["wav"][0], y_hat[0, 0], b["mel"][0])
             return {"val_stft": stft_loss(stft, y_hat, b["wav"][:, None]).item()}
 
     r.loop(steps or cfg.train.teacher_steps, cfg.train.vocoder_segment_hops, True, step, validate, progress)
     return r.path
+
+
+def _synth_stats(vocoder: Student | Teacher, corpus: Corpus) -> None:
+    """The envelope synthesis reads absolute power from the normalised mels: the corpus statistics (saved with the
+    vocoder)."""
+    vocoder.synth.mel_mean.copy_(torch.from_numpy(corpus.mel_mean))
+    vocoder.synth.mel_std.copy_(torch.from_numpy(corpus.mel_std))
 
 
 def _load_stage(stage: str, ckpt_dir: Path, build: Callable[[Config], nn.Module], device) -> nn.Module:
@@ -386,13 +396,11 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
     n_spk = len(r.corpus.speakers)
     distill = cfg.train.student_target == "teacher"
     # Without distillation the teacher is optional: when one exists its distance is still logged at validation.
-    teacher = (_load_stage("teacher", ckpt_dir, lambda c: Teacher(c.model.n_mels, c.teacher), d.device)
+    teacher = (_load_stage("teacher", ckpt_dir, Teacher.build, d.device)
                if distill or (ckpt_dir / "teacher.pt").is_file() else None)
     vqvae = _load_stage("vqvae", ckpt_dir, lambda c: VQVAE(c.model.n_mels, n_spk, c.vqvae), d.device)
     student = r.add("student", Student(cfg.model, cfg.student))
-    # the envelope synthesis reads absolute power from the normalised mels: corpus statistics, saved with the student
-    student.synth.mel_mean.copy_(torch.from_numpy(r.corpus.mel_mean))
-    student.synth.mel_std.copy_(torch.from_numpy(r.corpus.mel_std))
+    _synth_stats(student, r.corpus)
     disc = r.wrap(r.add("disc", Discriminator()))
     r.resume()
     net, opt = r.wrap(student), r.optims["student"]
@@ -405,7 +413,7 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
         with torch.no_grad():
             if r.step < finetune_from:  # imitate the teacher (distillation) or the audio on ground-truth mels
                 mel = batch["mel"]
-                target = teacher(mel) if distill else batch["wav"][:, None]
+                target = teacher(mel, batch["pitch"]) if distill else batch["wav"][:, None]
             else:  # fine-tuning: the VQ-VAE's decoder mels, against the real audio
                 mel, target = vqvae(batch["mel"], batch["speaker"], batch["pitch"])["mel"], batch["wav"][:, None]
         y_hat = net(mel, batch["pitch"])
@@ -423,7 +431,7 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
             _save_audio(r, b["wav"][0], y_hat[0, 0], b["mel"][0])
             logs = {"val_stft_vs_audio": stft_loss(stft, y_hat, b["wav"][:, None]).item()}
             if teacher is not None:
-                logs["val_stft_vs_teacher"] = stft_loss(stft, y_hat, teacher(b["mel"])).item()
+                logs["val_stft_vs_teacher"] = stft_loss(stft, y_hat, teacher(b["mel"], b["pitch"])).item()
             return logs
 
     r.loop(total, cfg.train.vocoder_segment_hops, True, step, validate, progress)
@@ -466,6 +474,14 @@ def export_voice_model(ckpt_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
+def export_teacher(ckpt_dir: str | Path, out: str | Path) -> Path:
+    """teacher.pt without its optimiser and discriminator: the weights, config and corpus statistics that
+    ``rtvc eval --teacher`` and distillation (as ``<checkpoint_dir>/teacher.pt``) read."""
+    ck = load_checkpoint(Path(ckpt_dir) / "teacher.pt", kind="teacher")
+    save_checkpoint(out, {**ck, "models": {"teacher": ck["models"]["teacher"]}, "optims": {}})
+    return Path(out)
+
+
 # ------------------------------------------------------------------------------------------------ samples
 
 def _save_audio(r: StageRunner, ref: torch.Tensor, gen: torch.Tensor, mel: torch.Tensor) -> None:
@@ -496,12 +512,12 @@ def _save_sample(r: StageRunner, b: dict, model: VQVAE) -> None:
 def _vocode(r: StageRunner, mel: torch.Tensor, pitch: torch.Tensor) -> np.ndarray:
     """mel [n_mels, N], pitch [2, N] -> wav: the student when trained, else the teacher, else Griffin-Lim."""
     for stage, build in (("student", lambda c: Student(c.model, c.student)),
-                         ("teacher", lambda c: Teacher(c.model.n_mels, c.teacher))):
+                         ("teacher", Teacher.build)):
         if (r.ckpt_dir / f"{stage}.pt").is_file():
             try:
                 voc = _load_stage(stage, r.ckpt_dir, build, mel.device)
                 with torch.no_grad():
-                    y = voc(mel[None], pitch[None]) if stage == "student" else voc(mel[None])
+                    y = voc(mel[None], pitch[None])
                     return y[0, 0].cpu().numpy().clip(-1, 1)
             except (CheckpointError, ConfigError, RuntimeError):  # e.g. written by another rtvc version mid-run:
                 pass  # a validation sample must never stop training

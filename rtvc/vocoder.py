@@ -1,10 +1,11 @@
 """Vocoders: the offline Parallel WaveGAN teacher, the small causal streaming student, the discriminator and
 the multi-resolution STFT loss.
 
-Teacher (Yamamoto et al. 2020): noise [B, 1, T] + upsampled mel -> 30 non-causal dilated gated layers.
-Student: causal everywhere, driven by an :class:`Excitation` (harmonic sines at the pitch the decoder was given,
-plus deterministic noise) instead of PWG's noise; its residual stack runs at ``sample_rate / r`` (r = last
-upsample factor) and a sub-pixel head emits r samples per step, so one 10 ms hop costs 60 steps instead of 240.
+Teacher (Yamamoto et al. 2020's generator, 30 non-causal dilated gated layers) and student (causal everywhere) are
+both driven by an :class:`Excitation` (harmonic sines at the pitch the decoder was given, plus deterministic
+noise) instead of PWG's noise, and both add their output to the same envelope synthesis; their residual stacks run
+at ``sample_rate / r`` (r = last upsample factor) and a sub-pixel head emits r samples per step, so one 10 ms hop
+costs 60 steps instead of 240.
 In streaming, each student layer is *one GEMM* (the dilated taps of x and the conditioning stacked) plus
 the residual / skip 1x1 accumulated in place.
 """
@@ -19,7 +20,7 @@ from torch import nn
 
 from dataclasses import dataclass
 
-from .config import ModelConfig, StudentConfig, TeacherConfig, TrainConfig
+from .config import Config, ModelConfig, StudentConfig, TeacherConfig, TrainConfig
 from .envelope import EnvelopeSynth, hash_noise, pitch_to_f0, run_phase
 from .streaming import CausalConv1d, StreamingModule, gemm, receptive_field
 
@@ -41,39 +42,60 @@ class _TeacherLayer(nn.Module):
 
 
 class Teacher(nn.Module):
-    """Parallel WaveGAN generator. mel [B, n_mels, N] (+ noise [B, 1, N*hop]) -> wav [B, 1, N*hop]."""
+    """Offline Parallel WaveGAN generator, source-filter driven: mel [B, n_mels, N] + pitch [B, 2, N] ->
+    wav [B, 1, N*hop].
 
-    def __init__(self, n_mels: int, cfg: TeacherConfig) -> None:
+    PWG's non-causal stack of dilated gated layers (paper size by default: 30 layers, 64 channels), fed like the
+    student: the :class:`Excitation` (harmonic sines at the given pitch + noise, in place of PWG's white noise) and
+    the envelope synthesis, to which its sub-pixel head's output is added (zero-initialised: it starts as the
+    synthesis and learns a residual). Why not PWG's noise input: from noise a teacher needs ~400k GPU steps to
+    learn periodicity; given the periods it learns to shape them in thousands, so a teacher is trainable on a CPU
+    too. The stack runs at ``sample_rate / r`` (r = the last upsample factor), as the student's; the envelope
+    synthesis is the ``[student]`` section's (``envelope_*``, ``voiced_noise``, ``harmonics``), so teacher and
+    student differ only in what their networks add -- the part distillation transfers."""
+
+    def __init__(self, mcfg: ModelConfig, cfg: TeacherConfig, scfg: StudentConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        *self.factors, self.sub = cfg.upsample_factors
         self.upsample = nn.ModuleList()
-        for f in cfg.upsample_factors:  # nearest stretch + smoothing along time only, as in PWG
+        for f in self.factors:  # nearest stretch + smoothing along time only, as in PWG
             conv = nn.Conv2d(1, 1, (1, 2 * f + 1), padding=(0, f), bias=False)
             nn.init.constant_(conv.weight, 1.0 / (2 * f + 1))
             self.upsample.append(conv)
-        self.first = nn.Conv1d(1, cfg.residual_channels, 1)
+        self.source = Excitation(mcfg.sample_rate, mcfg.hop_length, self.sub, scfg.harmonics)
+        self.synth = EnvelopeSynth(mcfg, scfg)
+        self.first = nn.Conv1d((scfg.harmonics + 2) * self.sub, cfg.residual_channels, 1)  # excitation ++ synthesis
         per = cfg.layers // cfg.stacks
         self.layers = nn.ModuleList(
-            _TeacherLayer(cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, n_mels, cfg.kernel_size, 2 ** (i % per))
+            _TeacherLayer(cfg.residual_channels, cfg.gate_channels, cfg.skip_channels, mcfg.n_mels, cfg.kernel_size,
+                          2 ** (i % per))
             for i in range(cfg.layers))
         self.last = nn.Sequential(nn.ReLU(), nn.Conv1d(cfg.skip_channels, cfg.skip_channels, 1), nn.ReLU(),
-                                  nn.Conv1d(cfg.skip_channels, 1, 1))
+                                  nn.Conv1d(cfg.skip_channels, self.sub, 1))
+        nn.init.zeros_(self.last[-1].weight)
+        nn.init.zeros_(self.last[-1].bias)
+
+    @classmethod
+    def build(cls, cfg: Config) -> "Teacher":
+        return cls(cfg.model, cfg.teacher, cfg.student)
 
     def upsample_mel(self, mel: torch.Tensor) -> torch.Tensor:
+        """[B, n_mels, N] -> [B, n_mels, N * hop / r] (the stack's step rate)."""
         c = mel[:, None]
-        for f, conv in zip(self.cfg.upsample_factors, self.upsample):
+        for f, conv in zip(self.factors, self.upsample):
             c = conv(c.repeat_interleave(f, dim=3))
         return c[:, 0]
 
-    def forward(self, mel: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, mel: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
         c = self.upsample_mel(mel)
-        if noise is None:
-            noise = torch.randn(mel.shape[0], 1, c.shape[2], device=mel.device, dtype=mel.dtype)
-        x, skips = self.first(noise), 0.0
+        dsp = self.synth(mel, pitch)                                                          # [B, 1, T]
+        x, skips = self.first(torch.cat([self.source(pitch), fold(dsp, self.sub)], dim=1)), 0.0
         for layer in self.layers:
             x, s = layer(x, c)
             skips = skips + s
-        return self.last(skips * math.sqrt(1.0 / len(self.layers)))
+        y = self.last(skips * math.sqrt(1.0 / len(self.layers)))                              # [B, r, T/r]
+        return y.transpose(1, 2).reshape(y.shape[0], 1, -1) + dsp  # sub-pixel: step t emits samples t*r .. +r-1
 
 
 # ------------------------------------------------------------------------------------------------ student

@@ -141,9 +141,10 @@ class VoiceConverter:
         return t
 
     @torch.inference_mode()
-    def _run(self, wav: torch.Tensor, mel_only: bool = False) -> torch.Tensor:
+    def _run(self, wav: torch.Tensor, mel_only: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """wav [1, N*hop] -> [1, N*hop]; streaming or offline depending on the modules' mode. ``mel_only``:
-        return the decoder's normalised mel [1, n_mels, N] instead (e.g. for another vocoder; torch path)."""
+        return what the vocoder gets instead, the decoder's normalised mel [1, n_mels, N] and the mapped pitch
+        [1, 2, N] (e.g. for another vocoder; torch path)."""
         m = self.model
         t = time.perf_counter()
         mel, frames = m.frontend(wav)
@@ -172,7 +173,7 @@ class VoiceConverter:
         mel_hat = m.vqvae.decoder(q, self._spk, pitch_t)
         t = self._tick("decoder", t)
         if mel_only:
-            return mel_hat
+            return mel_hat, pitch_t
         y = m.student(mel_hat, pitch_t)[:, 0]
         self._tick("vocoder", t)
         return y

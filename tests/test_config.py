@@ -38,7 +38,7 @@ def test_overrides_and_user_file(tmp_path):
     ("engin.safety_ms=3", 'unknown section "engin" (did you mean "engine"?)'),
     ("audio.block_ms=abc", "audio.block_ms: expected number, got str 'abc'"),
     ("model.hop_length=true", "model.hop_length: expected integer, got bool True"),
-    ("model.hop_length=256", "teacher.upsample_factors [4, 6, 10] multiply to 240, but the vocoder must upsample "
+    ("model.hop_length=256", "teacher.upsample_factors [10, 6, 4] multiply to 240, but the vocoder must upsample "
                              "one mel frame to exactly model.hop_length=256"),
     ("student.upsample_factors=[10, 6]", "student.upsample_factors [10, 6] multiply to 60"),
     ("model.win_length=600", "shorter than two periods of f0_min"),

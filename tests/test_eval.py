@@ -50,18 +50,37 @@ def test_world_shift_keeps_the_contour():
 def test_testset_and_eval_report(tmp_path):
     from rtvc.data.synth import build_testset
     from rtvc.evaluate import evaluate
-    from rtvc.voice import make_voice_model
+    from rtvc.voice import VoiceModel, make_voice_model
     man = build_testset(tmp_path / "ts", "esm", ["awb", "slt"], 2, {"The quick brown fox."}, progress=False)
     assert len(man["items"]) == 2 and all(set(it["refs"]) == {"awb", "slt"} for it in man["items"])
     with pytest.raises(ValueError, match="must not also be a target"):
         build_testset(tmp_path / "x", "awb", ["awb"], 1, set(), progress=False)
     cfg = make_tiny_config()
     make_voice_model(cfg, ["awb", "slt"], seed=0).save(tmp_path / "model.pt")
-    res = evaluate(tmp_path / "model.pt", tmp_path / "ts", tmp_path / "ev", max_items=1, progress=False)
-    assert set(res["summary"]) == {"student (streaming)", "dsp baseline", "world shift (contour ceiling)"}
+    model = VoiceModel.load(tmp_path / "model.pt")
+    _save_teacher(tmp_path / "teacher.pt", cfg, model.frontend.mel_mean)
+    res = evaluate(tmp_path / "model.pt", tmp_path / "ts", tmp_path / "ev", tmp_path / "teacher.pt", max_items=1,
+                   progress=False)
+    assert set(res["summary"]) == {"student (streaming)", "dsp baseline", "world shift (contour ceiling)",
+                                   "teacher (offline)"}
     for s in res["summary"].values():
         o = s["overall"]
         assert -1 <= o["sim_target"] <= 1 and o["mcd_db"] > 0 and o["rtf"] > 0 and "lf0_corr_harvest" in o
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["targets"] == ["awb", "slt"]
     assert "| dsp baseline | esm → slt |" in (tmp_path / "ev" / "eval.md").read_text()
     assert len(list((tmp_path / "ev" / "spectrograms").glob("*.png"))) == 2
+    # a teacher trained in another mel normalisation would vocode the decoder's mels at the wrong power
+    _save_teacher(tmp_path / "other.pt", cfg, model.frontend.mel_mean + 1.0)
+    with pytest.raises(ValueError, match="other mels than the voice model"):
+        evaluate(tmp_path / "model.pt", tmp_path / "ts", tmp_path / "ev2", tmp_path / "other.pt", max_items=1,
+                 progress=False)
+
+
+def _save_teacher(path, cfg, mel_mean) -> None:
+    """A freshly initialised teacher checkpoint (what `rtvc train teacher` writes) with the given mel statistics."""
+    from rtvc.checkpoint import save_checkpoint
+    from rtvc.vocoder import Teacher
+    t = Teacher.build(cfg)
+    t.synth.mel_mean.copy_(mel_mean)
+    save_checkpoint(path, {"kind": "teacher", "config": cfg.to_dict(), "step": 0, "stats": {},
+                           "models": {"teacher": t.state_dict()}, "optims": {}})

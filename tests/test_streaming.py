@@ -252,6 +252,30 @@ def test_excitation_source():
     assert (torch.cat(parts, -1) - e).abs().max() < 1e-5
 
 
+def test_teacher_is_driven_like_the_student():
+    """The offline teacher shares the student's source: at initialisation (zero head) both output exactly the same
+    envelope synthesis, so distillation transfers only what the networks add. Once its head is trained, the teacher
+    follows the pitch it is given and is non-causal: a change in the last frame reaches back into earlier ones."""
+    from rtvc.vocoder import Teacher
+    torch.manual_seed(0)
+    teacher, student = Teacher.build(CFG).eval(), Student(CFG.model, CFG.student).eval()
+    hop, n = CFG.model.hop_length, 60  # the teacher hears ~0.5 s (51 frames) each way
+    mel = torch.randn(2, CFG.model.n_mels, n) * 0.5
+    pitch = torch.stack([torch.randn(2, n) * 0.3, (torch.rand(2, n) > 0.3).float()], 1)
+    pitch[:, 1, -1] = 1.0  # voiced: the change below is heard
+    with torch.no_grad():
+        y = teacher(mel, pitch)
+        assert y.shape == (2, 1, n * hop)
+        assert torch.equal(y, teacher.synth(mel, pitch)) and torch.equal(y, student(mel, pitch))
+        torch.nn.init.normal_(teacher.last[-1].weight, std=0.1)
+        y = teacher(mel, pitch)
+        later = pitch.clone()
+        later[:, 0, -1] += 1.0
+        changed = (teacher(mel, later) - y).abs()[0, 0]
+    assert changed[(n - 2) * hop:(n - 1) * hop].max() > 1e-4  # the frame before the change hears it
+    assert changed[:hop].max() == 0                             # 59 frames back: beyond its reach, untouched
+
+
 @pytest.mark.parametrize("kind", ["voiced", "noise"])
 def test_envelope_synthesis_reproduces_the_mel(kind):
     """The student's DSP half: a signal synthesised from a mel (+ its pitch), analysed again, has that mel: the

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from rtvc.checkpoint import CheckpointError, load_checkpoint
 from rtvc.data.dataset import Corpus, SegmentDataset
 from rtvc.data.prepare import CorpusError
-from rtvc.train import (SpeakerAdversary, export_voice_model, teardown_distributed, train_student,
-                        train_teacher, train_vqvae, vqvae_loss)
+from rtvc.train import (SpeakerAdversary, export_teacher, export_voice_model, teardown_distributed,
+                        train_student, train_teacher, train_vqvae, vqvae_loss)
 from rtvc.voice import VoiceConverter, VoiceModel
 from rtvc.vqvae import VQVAE
 
@@ -43,6 +43,8 @@ def test_all_stages_train_resume_and_export(prepared, tmp_path):
     assert y.shape == (model.cfg.model.hop_length * 3,) and np.isfinite(y).all()
     export_voice_model(ck, tmp_path / "again.pt")
     assert (tmp_path / "again.pt").stat().st_size < 30e6
+    slim = load_checkpoint(export_teacher(ck, tmp_path / "teacher.pt"), "teacher")  # what eval and distillation read
+    assert set(slim["models"]) == {"teacher"} and not slim["optims"] and slim["step"] == 3
     # another pitch tracker setting: resuming refuses (other inputs), --finetune continues from the weights
     retuned = cfg.replace(**{"model.yin_voicing_threshold": 0.4})
     with pytest.raises(CheckpointError, match="--finetune"):
@@ -122,7 +124,8 @@ def test_finetune_refuses_a_wideband_corpus_until_prepared_band_limited(prepared
 
 def test_init_from_a_voice_model(prepared, tmp_path):
     """--init: a stage with no checkpoint starts from a voice-model file's weights (step 0) in its mel normalisation,
-    its voices keep their speaker rows on a grown corpus; an existing checkpoint wins; a teacher cannot start there."""
+    its voices keep their speaker rows on a grown corpus; an existing checkpoint wins; a teacher starts fresh in
+    its mel normalisation."""
     from rtvc.data.prepare import prepare_corpus
     from rtvc.train import stage_from_voice_model
 
@@ -149,8 +152,13 @@ def test_init_from_a_voice_model(prepared, tmp_path):
     assert load_checkpoint(p, "vqvae")["step"] == 2
     train_student(cfg, grown, ck2, steps=1, progress=False, init=ck / "model.pt")
     assert VoiceModel.load(ck2 / "model.pt").speakers == ["high", "low", "mid", "mine"]
-    with pytest.raises(CheckpointError, match="not a teacher"):
-        stage_from_voice_model(ck / "model.pt", "teacher")
+    # a voice model holds no teacher: one starts fresh in the model's mel normalisation (what its decoder emits)
+    p = train_teacher(cfg, grown, ck2, steps=1, progress=False, init=ck / "model.pt")
+    t = load_checkpoint(p, "teacher")
+    np.testing.assert_allclose(t["stats"]["mel_mean"], bundled.frontend.mel_mean.numpy(), rtol=1e-6)
+    torch.testing.assert_close(t["models"]["teacher"]["synth.mel_mean"], bundled.frontend.mel_mean)
+    with pytest.raises(CheckpointError, match="unknown stage 'disc'"):
+        stage_from_voice_model(ck / "model.pt", "disc")
 
 
 def test_student_without_a_teacher(prepared, tmp_path):
