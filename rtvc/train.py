@@ -145,9 +145,10 @@ class StageRunner:
 
     def __init__(self, stage: str, cfg: Config, cache: str | Path, ckpt_dir: str | Path, d: Dist,
                  finetune: bool = False, init: str | Path | None = None) -> None:
-        """``finetune``: continue the stage's checkpoint in its own mel normalisation (a corpus grown by new
-        voices has other statistics; the vocoder trained on the checkpoint's mels keeps working). ``init``: a
-        voice-model file whose weights start the stage when it has no checkpoint yet (implies ``finetune``)."""
+        """A stage's checkpoint always continues in its own mel normalisation (a corpus grown by new voices has
+        other statistics; the weights learned the checkpoint's). ``finetune``: continue it even though [model] or
+        the voice set changed. ``init``: a voice-model file whose weights start the stage when it has no
+        checkpoint yet (implies ``finetune``)."""
         self.stage, self.cfg, self.d = stage, cfg, d
         self.ckpt_dir = Path(ckpt_dir)
         self.path = self.ckpt_dir / f"{stage}.pt"
@@ -155,7 +156,9 @@ class StageRunner:
         if self.saved is None and init is not None:
             self.saved = stage_from_voice_model(init, stage)
         self.finetune = finetune or init is not None
-        keep = self.saved["stats"] if self.finetune and self.saved is not None else None
+        # a checkpoint's weights learned its corpus's mel normalisation: resuming keeps it (a resumed stage started
+        # by --init would otherwise switch, silently, to the cache's own statistics mid-run)
+        keep = self.saved["stats"] if self.saved is not None else None
         self.corpus = Corpus(cache, cfg.model, (keep["mel_mean"], keep["mel_std"]) if keep else None)
         self.models: dict[str, nn.Module] = {}
         self.optims: dict[str, torch.optim.Optimizer] = {}

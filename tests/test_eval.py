@@ -30,6 +30,28 @@ def test_metric_sanity():
     assert cosine(e, e) == pytest.approx(1.0)
 
 
+_CALLS = []
+
+
+def _stateful() -> int:
+    """Stands in for SPTK's RAPT, whose result depends on the calls before it (static state in its C code)."""
+    _CALLS.append(1)
+    return len(_CALLS)
+
+
+def test_contours_do_not_depend_on_what_was_analysed_before():
+    """RAPT keeps state between calls (on the held-out set, a second pass over 40 utterances in the same order gave
+    40 different contours); Metrics.contour runs it in a child forked from a process that never ran it, so every
+    call starts from the same state."""
+    from rtvc.evaluate import Metrics, _in_fresh_fork
+    assert [_stateful() for _ in range(3)] == [1, 2, 3]
+    assert [_in_fresh_fork(_stateful) for _ in range(3)] == [4, 4, 4]
+    a, b = harmonic(1.5, 24000, 110.0, 3), harmonic(1.0, 24000, 230.0, 4)
+    first = Metrics.contour(a, 24000)
+    Metrics.contour(b, 24000)
+    np.testing.assert_array_equal(Metrics.contour(a, 24000), first)
+
+
 def test_world_shift_keeps_the_contour():
     """The ceiling row: a pitch glide shifted by WORLD keeps its contour (correlation ~1) at the new median."""
     from rtvc.evaluate import Metrics, world_shift

@@ -148,8 +148,11 @@ def test_init_from_a_voice_model(prepared, tmp_path):
     for i, v in enumerate(bundled.speakers):
         torch.testing.assert_close(table[new["stats"]["speakers"].index(v)], old[i], rtol=0,
                                    atol=1.5 * cfg.train.learning_rate)
-    train_vqvae(cfg, grown, ck2, steps=2, progress=False, init=ck / "model.pt")  # resumes its own checkpoint
-    assert load_checkpoint(p, "vqvae")["step"] == 2
+    train_vqvae(cfg, grown, ck2, steps=2, progress=False)  # resumes its own checkpoint, in its normalisation
+    resumed = load_checkpoint(p, "vqvae")
+    assert resumed["step"] == 2 and resumed["stats"]["mel_mean"] == new["stats"]["mel_mean"]
+    train_vqvae(cfg, grown, ck2, steps=3, progress=False, init=ck / "model.pt")  # an existing checkpoint wins
+    assert load_checkpoint(p, "vqvae")["step"] == 3
     train_student(cfg, grown, ck2, steps=1, progress=False, init=ck / "model.pt")
     assert VoiceModel.load(ck2 / "model.pt").speakers == ["high", "low", "mid", "mine"]
     # a voice model holds no teacher: one starts fresh in the model's mel normalisation (what its decoder emits)
