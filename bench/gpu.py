@@ -99,7 +99,7 @@ def bench_vocoders(device: torch.device, quick: bool) -> dict:
     pitch = torch.stack([0.3 * torch.randn(1, frames, device=device), torch.ones(1, frames, device=device)], 1)
     out = {}
     for name, model, args in (("student", Student(cfg.model, cfg.student), (mel, pitch)),
-                              ("pwg_paper_size_teacher", Teacher(cfg.model.n_mels, cfg.teacher), (mel,))):
+                              ("pwg_paper_size_teacher", Teacher.build(cfg), (mel, pitch))):
         model = model.to(device).eval()
         with torch.inference_mode():
             ms = timed(lambda: model(*args), device, 3 if quick else 10)

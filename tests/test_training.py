@@ -160,6 +160,13 @@ def test_init_from_a_voice_model(prepared, tmp_path):
     t = load_checkpoint(p, "teacher")
     np.testing.assert_allclose(t["stats"]["mel_mean"], bundled.frontend.mel_mean.numpy(), rtol=1e-6)
     torch.testing.assert_close(t["models"]["teacher"]["synth.mel_mean"], bundled.frontend.mel_mean)
+    # a student on another corpus's normalisation cannot imitate that teacher: its targets would be mis-scaled
+    ck3 = tmp_path / "ck3"
+    ck3.mkdir()
+    for f in ("vqvae.pt", "teacher.pt"):
+        (ck3 / f).write_bytes((ck2 / f).read_bytes())
+    with pytest.raises(CheckpointError, match="another mel normalisation"):
+        train_student(cfg.replace(**{"train.student_target": "teacher"}), grown, ck3, steps=1, progress=False)
     with pytest.raises(CheckpointError, match="unknown stage 'disc'"):
         stage_from_voice_model(ck / "model.pt", "disc")
 
