@@ -105,6 +105,12 @@ class EnvelopeSynth(StreamingModule):
 
     receptive_field = property(lambda self: 2 * self.hop)
 
+    def normalised_by(self, mel_mean: torch.Tensor | np.ndarray, mel_std: torch.Tensor | np.ndarray) -> bool:
+        """Whether this synthesis reads mels normalised with these statistics (a vocoder trained on other mels
+        would render them at the wrong power)."""
+        return bool(torch.allclose(self.mel_mean.cpu(), torch.as_tensor(mel_mean, dtype=torch.float32)) and
+                    torch.allclose(self.mel_std.cpu(), torch.as_tensor(mel_std, dtype=torch.float32)))
+
     def init_state(self, batch, device, dtype):
         return EnvelopeState(torch.zeros(batch, dtype=torch.float64, device=device),
                              torch.zeros(batch, dtype=torch.int64, device=device),

@@ -323,7 +323,6 @@ def markdown(result: dict) -> str:
 
 def _load_teacher(path: str | Path, model):
     """The teacher checkpoint at ``path``, checked against the voice model whose decoder mels it will vocode."""
-    import torch
     from .checkpoint import load_checkpoint
     from .config import Config
     from .vocoder import Teacher
@@ -332,7 +331,7 @@ def _load_teacher(path: str | Path, model):
     t = Teacher.build(cfg)
     t.load_state_dict(ck["models"]["teacher"])
     if cfg.model.hop_length != model.cfg.model.hop_length or cfg.model.n_mels != model.cfg.model.n_mels or \
-            not torch.allclose(t.synth.mel_mean, model.frontend.mel_mean):
+            not t.synth.normalised_by(model.frontend.mel_mean, model.frontend.mel_std):
         raise ValueError(f"{path}: the teacher was trained on other mels than the voice model's (its mel "
                          f"normalisation or frame differs); train it for this model with `rtvc train teacher "
                          f"--init MODEL`")

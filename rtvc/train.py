@@ -402,7 +402,7 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
     teacher = (_load_stage("teacher", ckpt_dir, Teacher.build, d.device)
                if distill or (ckpt_dir / "teacher.pt").is_file() else None)
     vqvae = _load_stage("vqvae", ckpt_dir, lambda c: VQVAE(c.model.n_mels, n_spk, c.vqvae), d.device)
-    if teacher is not None and not np.allclose(teacher.synth.mel_mean.cpu().numpy(), r.corpus.mel_mean):
+    if teacher is not None and not teacher.synth.normalised_by(r.corpus.mel_mean, r.corpus.mel_std):
         raise CheckpointError(f"{ckpt_dir / 'teacher.pt'} was trained in another mel normalisation than this "
                               f"student's: train the teacher on the same corpus, or with --init of the same model")
     student = r.add("student", Student(cfg.model, cfg.student))

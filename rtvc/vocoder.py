@@ -95,7 +95,7 @@ class Teacher(nn.Module):
             x, s = layer(x, c)
             skips = skips + s
         y = self.last(skips * math.sqrt(1.0 / len(self.layers)))                              # [B, r, T/r]
-        return y.transpose(1, 2).reshape(y.shape[0], 1, -1) + dsp  # sub-pixel: step t emits samples t*r .. +r-1
+        return unfold(y) + dsp
 
 
 # ------------------------------------------------------------------------------------------------ student
@@ -145,6 +145,12 @@ def fold(x: torch.Tensor, sub: int) -> torch.Tensor:
     """[B, C, T] -> [B, C*sub, T/sub]: channel ``j*sub + r`` at step t holds sample ``t*sub + r`` of channel j."""
     b, _, t = x.shape
     return x.reshape(b, -1, t // sub, sub).transpose(2, 3).reshape(b, -1, t // sub)
+
+
+def unfold(y: torch.Tensor) -> torch.Tensor:
+    """A sub-pixel head's output [B, sub, T/sub] -> wav [B, 1, T]: step t emits samples ``t*sub .. t*sub + sub-1``
+    (``fold`` of one channel, inverted)."""
+    return y.transpose(1, 2).reshape(y.shape[0], 1, -1)
 
 class _StudentLayer(StreamingModule):
     """Causal gated layer: GLU(dilated conv(x) + aux(c)) -> residual and skip 1x1.
@@ -227,7 +233,7 @@ class Student(StreamingModule):
         for layer in self.layers:
             x = layer(x, c, skips)
         y = self.head2(F.leaky_relu(self.head1(F.leaky_relu(skips, 0.2)), 0.2))  # [B, sub, T/sub]
-        return y.transpose(1, 2).reshape(y.shape[0], 1, -1) + dsp  # sub-pixel: step t emits samples t*sub .. +sub-1
+        return unfold(y) + dsp
 
 
 # ------------------------------------------------------------------------------------------ discriminator
