@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from scipy.signal import lfilter
 
-from rtvc.evaluate import Metrics, _read, contour_lag, cosine, load_testset
+from rtvc.evaluate import FRAME_MS, Metrics, _read, contour_delay, cosine, load_testset
 from rtvc.frontend import measure_pitch
 from rtvc.voice import VoiceConverter, VoiceModel
 
@@ -72,7 +72,7 @@ def main() -> None:
     source, targets, items = load_testset(args.testset)
     items = items[: args.items]
     m = Metrics()
-    lag = contour_lag(model)
+    lag = None  # the model's contour delay: measured on the clean input, then held for every condition
     clean = [_read(it.source_wav, rate) for it in items]
     clean = [x[: x.size // model.cfg.model.hop_length * model.cfg.model.hop_length] for x in clean]
     src_lf0 = [m.contour(x, rate) for x in clean]
@@ -85,19 +85,24 @@ def main() -> None:
     for name, f in conditions(rate).items():
         xs = [f(x) for x in clean]
         stats = measure_pitch(np.concatenate(xs), model.cfg.model)  # the user calibrates in their own room
-        rows = []
+        rows, pairs = [], []
         for tgt in targets:
             for i, x in enumerate(xs):
                 y = VoiceConverter(model, tgt, source=stats).convert(x)
                 e = m.embed(y, rate)
-                rows.append((cosine(e, ref_emb[tgt]), cosine(e, src_emb), m.mcd(m.world(y, rate)[1], ref_mc[tgt, i]),
-                             m.lf0_corr(m.contour(y, rate), src_lf0[i], lag)))
+                rows.append([cosine(e, ref_emb[tgt]), cosine(e, src_emb), m.mcd(m.world(y, rate)[1], ref_mc[tgt, i])])
+                pairs.append((m.contour(y, rate), src_lf0[i]))
+        if lag is None:
+            lag = contour_delay(pairs)[0]
+            print(f"contour delay {lag * FRAME_MS:g} ms")
+        for row, (a, b) in zip(rows, pairs):
+            row.append(m.lf0_corr(a, b, lag))
         r = np.nanmean(np.array(rows), axis=0)
         results[name] = dict(zip(("sim_target", "sim_source", "mcd_db", "lf0_corr"), map(float, r)))
         print(f"| {name} | {r[0]:.3f} | {r[1]:.3f} | {r[2]:.2f} | {r[3]:.3f} |", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "testset": args.testset, "items": len(items),
-                                          "results": results}, indent=1))
+                                          "lf0_lag_ms": lag * FRAME_MS, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

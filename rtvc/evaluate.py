@@ -5,9 +5,10 @@ Per (source, target voice) pair and overall:
     and the source's embeddings are averaged over all of their test utterances);
   * mel-cepstral distortion against the parallel target utterance: WORLD spectral envelope -> SPTK mel-cepstrum
     (order 24, all-pass constant for the rate), DTW-aligned, c0 excluded, in dB;
-  * log-F0 correlation of the output with the source contour (RAPT, frames voiced in both; the figure by WORLD
-    harvest is kept as ``lf0_corr_harvest``: on this project's held-out source harvest's own errors cap an exact
-    contour at ~0.8, RAPT's at ~0.88, see :meth:`Metrics.contour`);
+  * log-F0 correlation of the output with the source contour (RAPT, frames voiced in both), compared at the
+    system's measured contour delay (:func:`contour_delay`; the figure unaligned and at the analysis window's
+    delay are kept too; the figure by WORLD harvest is kept as ``lf0_corr_harvest``: on this project's held-out
+    source harvest's own errors cap an exact contour at ~0.8, RAPT's at ~0.88, see :meth:`Metrics.contour`);
   * real-time factor of the conversion.
 Systems in the same run: the streaming student pipeline (what ships), the offline teacher pipeline (VQ-VAE offline +
 Parallel WaveGAN teacher, when a teacher checkpoint is given), a DSP baseline (pitch shift of the source toward
@@ -36,6 +37,7 @@ METRIC_RATE = 16000
 FRAME_MS = 5.0  # WORLD / RAPT analysis frame period
 # Hz searched by the contour metric's tracker: every voice here (medians 89-199 Hz) and its shifts
 F0_RANGE = (50.0, 500.0)
+MAX_LAG_MS = 50.0  # the longest contour delay searched (the default pipeline's measures 25 ms)
 
 
 @dataclass(frozen=True)
@@ -153,9 +155,25 @@ def _in_fresh_fork(fn, *args):
 
 
 def contour_lag(model) -> int:
-    """Metric frames (FRAME_MS) by which a voice model's output contour trails its input: the frontend's analysis
-    delay (a causal window's centre lies behind the hop it drives)."""
+    """Metric frames (FRAME_MS) of a voice model's analysis-window delay (a causal window's centre lies behind the
+    hop it drives): where its output's envelope sits. Its pitch sits later (see :func:`contour_delay`)."""
     return round(1000.0 * model.frontend.analysis_delay / model.cfg.model.sample_rate / FRAME_MS)
+
+
+def contour_delay(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[int, list[float]]:
+    """One system's contour delay, measured: the lag (metric frames, 0..MAX_LAG_MS) at which its output contours
+    best follow their sources, by the mean over ``pairs`` (output log-F0 [T], source log-F0 [T]) of
+    :meth:`Metrics.lf0_corr`; returns (lag, that mean at every lag). Why measured: a pitch tracker's delay is
+    not its window's: the default YIN compares the window's first 20 ms with what follows by one period, so the
+    contour it hands on is centred ~25 ms behind the hop, where the spectrum is 15 ms behind (a constant delay a
+    listener hears as latency, not as a wrong contour). One lag per system over the whole run: a single
+    parameter, where MCD's DTW fits a path per utterance."""
+    curve = []
+    for lag in range(round(MAX_LAG_MS / FRAME_MS) + 1):
+        r = np.array([Metrics.lf0_corr(a, b, lag) for a, b in pairs])
+        curve.append(float(r[~np.isnan(r)].mean()) if (~np.isnan(r)).any() else float("nan"))
+    scores = np.nan_to_num(np.array(curve), nan=-np.inf)  # too few voiced frames at a lag: not a candidate
+    return (int(np.argmax(scores)) if np.isfinite(scores).any() else 0), curve
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -230,12 +248,11 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
         ref_lf0[spk] = float(np.nanmedian(lf0))
 
     systems = ["student (streaming)", "dsp baseline", CEILING] + (["teacher (offline)"] if teacher else [])
-    # the model's output trails its input by the frontend's analysis delay (a causal window's centre lies behind
-    # the hop it drives): contours are compared at that delay, as MCD's DTW aligns spectra (the DSP baseline has
-    # none); the unaligned figure is kept in the rows as lf0_corr_unaligned
-    lag = contour_lag(model)
-    lags = {name: (0 if name in ("dsp baseline", CEILING) else lag) for name in systems}
+    # a causal system's output trails its input: contours are compared at each system's measured delay (after the
+    # loop), as MCD's DTW aligns spectra; the rows also keep the figure unaligned and at the analysis window's delay
+    window_lag = {name: (0 if name in ("dsp baseline", CEILING) else contour_lag(model)) for name in systems}
     rows: list[dict] = []
+    contours: list[tuple[np.ndarray, ...]] = []  # per row: output and source contours, RAPT then harvest
     jobs = [(it, tgt) for it in items for tgt in targets]
     # jobs run sentence by sentence: the source's audio and contours are read and analysed once per sentence
     source_cache: dict[Path, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -264,17 +281,28 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
             emb = metrics.embed(y, rate)
             rows.append({"system": name, "source": source, "target": tgt, "text": it.text,
                          "sim_target": cosine(emb, ref_emb[tgt]), "sim_source": cosine(emb, ref_emb[source]),
-                         "mcd_db": metrics.mcd(mc, ref_mc), "lf0_corr": metrics.lf0_corr(lf0, src_lf0, lags[name]),
-                         "lf0_corr_unaligned": metrics.lf0_corr(lf0, src_lf0),
-                         "lf0_corr_harvest": metrics.lf0_corr(harvest, src_harvest, lags[name]), "rtf": rtf})
+                         "mcd_db": metrics.mcd(mc, ref_mc), "lf0_corr_unaligned": metrics.lf0_corr(lf0, src_lf0),
+                         "lf0_corr_window": metrics.lf0_corr(lf0, src_lf0, window_lag[name]), "rtf": rtf})
+            contours.append((lf0, src_lf0, harvest, src_harvest))
         if k < 2 * len(targets):  # a few pictures per target
             _spectrogram(out / "spectrograms" / f"{k:03d}_{source}_to_{tgt}.png",
                          {f"source ({source})": x, f"reference ({tgt})": ref,
                           **{f"{n} -> {tgt}": o[0] for n, o in outs.items()}}, rate)
+    lags, curves = {}, {}
+    for name in systems:
+        mine = [k for k, r in enumerate(rows) if r["system"] == name]
+        lags[name], curves[name] = contour_delay([contours[k][:2] for k in mine])
+        for k in mine:
+            lf0, src_lf0, harvest, src_harvest = contours[k]
+            rows[k]["lf0_corr"] = metrics.lf0_corr(lf0, src_lf0, lags[name])
+            rows[k]["lf0_corr_harvest"] = metrics.lf0_corr(harvest, src_harvest, lags[name])
     summary = _summarise(rows, systems, targets)
     result = {"command": command, "model": str(model_path), "testset": str(testset), "source": source, "targets": targets,
               "source_pitch": {"ln_f0_mean": source_stats.mean, "ln_f0_std": source_stats.std},
               "lf0_lag_ms": {name: v * FRAME_MS for name, v in lags.items()},
+              "lf0_window_lag_ms": {name: v * FRAME_MS for name, v in window_lag.items()},
+              "lf0_corr_by_lag": {name: {f"{k * FRAME_MS:g} ms": round(v, 4) for k, v in enumerate(c)}
+                                  for name, c in curves.items()},
               "items": len(items), "summary": summary, "rows": rows}
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     (out / "eval.md").write_text(markdown(result))
@@ -282,7 +310,8 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
 
 
 def _summarise(rows: list[dict], systems: list[str], targets: list[str]) -> dict:
-    keys = ("sim_target", "sim_source", "mcd_db", "lf0_corr", "lf0_corr_unaligned", "lf0_corr_harvest", "rtf")
+    keys = ("sim_target", "sim_source", "mcd_db", "lf0_corr", "lf0_corr_unaligned", "lf0_corr_window",
+            "lf0_corr_harvest", "rtf")
     summary: dict = {}
     for sysname in systems:
         mine = [r for r in rows if r["system"] == sysname]
@@ -299,10 +328,15 @@ def markdown(result: dict) -> str:
              *([f"The source's pitch range (ln F0 {sp['ln_f0_mean']:.3f} ± {sp['ln_f0_std']:.3f}, {math.exp(sp['ln_f0_mean']):.0f} "
                 f"Hz) is measured once over its test utterances by the model's tracker, as a user calibrates; the "
                 f"DSP baseline likewise knows the source's median F0.", ""] if (sp := result.get("source_pitch")) else []),
-             *([f"log-F0 correlation: output contour against the source's, both by RAPT, at the system's analysis "
-                f"delay (" + ", ".join(f"{k} {v:g} ms" for k, v in lags.items()) + "); without that alignment: "
+             *([f"log-F0 correlation: output contour against the source's, both by RAPT, at the system's measured "
+                f"contour delay, the lag (0-{MAX_LAG_MS:g} ms) at which its mean correlation peaks ("
+                + ", ".join(f"{k} {v:g} ms" for k, v in lags.items()) + "); without that alignment: "
                 + ", ".join(f"{k} {s['overall']['lf0_corr_unaligned']:.3f}" for k, s in result["summary"].items()
-                            if "lf0_corr_unaligned" in s["overall"]) + "; aligned, by WORLD harvest instead: "
+                            if "lf0_corr_unaligned" in s["overall"])
+                + "; at the analysis window's delay instead ("
+                + ", ".join(f"{k} {result['lf0_window_lag_ms'][k]:g} ms: {s['overall']['lf0_corr_window']:.3f}"
+                            for k, s in result["summary"].items() if "lf0_corr_window" in s["overall"])
+                + "); aligned, by WORLD harvest instead: "
                 + ", ".join(f"{k} {s['overall']['lf0_corr_harvest']:.3f}" for k, s in result["summary"].items()
                             if "lf0_corr_harvest" in s["overall"]) + ".", ""]
                if (lags := result.get("lf0_lag_ms")) else []),

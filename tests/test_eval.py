@@ -52,6 +52,25 @@ def test_contours_do_not_depend_on_what_was_analysed_before():
     np.testing.assert_array_equal(Metrics.contour(a, 24000), first)
 
 
+def test_contour_delay_is_measured():
+    """A system whose contours trail their sources by 5 frames (with tracker-like noise and unvoiced gaps) is
+    compared at 5, not at the window's delay; a zero-delay system at 0."""
+    from rtvc.evaluate import Metrics, contour_delay
+    rng = np.random.default_rng()
+    pairs, same = [], []
+    for _ in range(6):
+        src = np.log(100.0) + np.cumsum(rng.normal(0.0, 0.03, 400))  # a wandering log-F0 contour
+        src[rng.random(400) < 0.2] = np.nan
+        out = np.concatenate([np.full(5, np.nan), src[:-5]]) + rng.normal(0.0, 0.01, 400)
+        pairs.append((out, src))
+        same.append((src + rng.normal(0.0, 0.01, 400), src))
+    lag, curve = contour_delay(pairs)
+    assert lag == 5 and curve[5] > 0.95 > curve[0] and len(curve) == 11
+    assert contour_delay(same)[0] == 0
+    assert Metrics.lf0_corr(*pairs[0], lag=5) == pytest.approx(curve[5], abs=0.05)
+    assert contour_delay([(np.full(50, np.nan), np.full(50, np.nan))])[0] == 0  # nothing voiced: no delay
+
+
 def test_world_shift_keeps_the_contour():
     """The ceiling row: a pitch glide shifted by WORLD keeps its contour (correlation ~1) at the new median."""
     from rtvc.evaluate import Metrics, world_shift
@@ -88,6 +107,8 @@ def test_testset_and_eval_report(tmp_path):
     for s in res["summary"].values():
         o = s["overall"]
         assert -1 <= o["sim_target"] <= 1 and o["mcd_db"] > 0 and o["rtf"] > 0 and "lf0_corr_harvest" in o
+        assert "lf0_corr_window" in o and "lf0_corr_unaligned" in o
+    assert all(0 <= v <= 50 for v in res["lf0_lag_ms"].values()) and len(res["lf0_corr_by_lag"]["dsp baseline"]) == 11
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["targets"] == ["awb", "slt"]
     assert "| dsp baseline | esm → slt |" in (tmp_path / "ev" / "eval.md").read_text()
     assert len(list((tmp_path / "ev" / "spectrograms").glob("*.png"))) == 2
