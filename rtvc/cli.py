@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
                          "student; e.g. rtvc/models/default.pt to add your voices to the bundled ones), or a teacher "
                          "in its mel normalisation (a voice model holds no teacher); implies --finetune")
 
+    tr.add_argument("--parallel", action="store_true",
+                    help="vqvae only: train the decoder across voices on a parallel corpus (each voice rebuilt from "
+                         "another voice's reading of the same text; train.parallel_self_fraction), encoder frozen")
+
     ex = sub.add_parser("export", help="bundle vqvae.pt + student.pt into one voice model file")
     ex.add_argument("--out", help="output file (default: <paths.checkpoint_dir>/model.pt)")
     ex.add_argument("--teacher", metavar="OUT",
@@ -274,7 +278,11 @@ def _cmd_train(cfg: Config, a: argparse.Namespace) -> int:
     ckpt = Path(cfg.paths.checkpoint_dir)
     if a.restart:  # under torchrun every rank gets here: the first one removes it
         (ckpt / f"{a.stage}.pt").unlink(missing_ok=True)
-    path = TRAINERS[a.stage](cfg, _data_dir(cfg, a.data, "cache"), ckpt, a.steps, finetune=a.finetune, init=a.init)
+    if a.parallel and a.stage != "vqvae":
+        raise SystemExit("rtvc train: --parallel trains the VQ-VAE's decoder: use it with `rtvc train vqvae`")
+    extra = {"parallel": True} if a.parallel else {}
+    path = TRAINERS[a.stage](cfg, _data_dir(cfg, a.data, "cache"), ckpt, a.steps, finetune=a.finetune, init=a.init,
+                             **extra)
     teardown_distributed()
     print(f"checkpoint: {path}")
     if a.stage == "student":

@@ -12,7 +12,7 @@ import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, ModelConfig
-from .data.dataset import Corpus, SegmentDataset
+from .data.dataset import Corpus, ParallelPairs, SegmentDataset
 from .augment import ContentAugment, RoomAugment
 from .frontend import PitchStats
 from .vocoder import Discriminator, MultiResolutionSTFTLoss, Student, Teacher
@@ -221,7 +221,9 @@ class StageRunner:
         return DDP(model) if self.d.world > 1 else model
 
     def loop(self, total: int, frames: int, with_wav: bool, step_fn: Callable[[dict], dict[str, float]],
-             validate: Callable[[], dict[str, float]], progress: bool = True) -> None:
+             validate: Callable[[], dict[str, float]], progress: bool = True,
+             batches: Callable[[int], Iterable[dict]] | None = None) -> None:
+        """``batches(remaining)``: the stage's own batches instead of random segments (:meth:`loader`)."""
         remaining = total - self.step
         if remaining <= 0:
             if self.d.main:
@@ -229,7 +231,7 @@ class StageRunner:
             return
         t = self.cfg.train
         bar = tqdm(total=total, initial=self.step, desc=self.stage, disable=not (progress and self.d.main))
-        for batch in self.loader(frames, remaining, with_wav):
+        for batch in (batches(remaining) if batches else self.loader(frames, remaining, with_wav)):
             batch = {k: v.to(self.d.device) for k, v in batch.items()}
             logs = step_fn(batch)
             self.step += 1
@@ -286,7 +288,9 @@ def _batch_segments(corpus: Corpus, frames: int, n: int, device: torch.device, s
 
 
 def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int | None = None,
-                progress: bool = True, finetune: bool = False, init: str | Path | None = None) -> Path:
+                progress: bool = True, finetune: bool = False, init: str | Path | None = None,
+                parallel: bool = False) -> Path:
+    """``parallel``: cross-voice decoder training on a parallel corpus instead (:func:`_parallel_step`)."""
     d = setup_distributed()
     torch.manual_seed(cfg.train.seed)
     r = StageRunner("vqvae", cfg, cache, ckpt_dir, d, finetune, init)
@@ -319,8 +323,46 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
             _save_sample(r, b, model)
         return {**{f"val_{k}": v for k, v in logs.items()}, "codes_used": used}
 
-    r.loop(steps or cfg.train.vqvae_steps, cfg.train.segment_hops, False, step, validate, progress)
+    batches = None
+    if parallel:
+        pairs = _parallel_pairs(model, r.corpus, cfg.train.parallel_self_fraction, d.device)
+        per_rank = max(1, cfg.train.batch_size // d.world)
+        batches = lambda n: (_to(b, d.device) for b in pairs.batches(per_rank, cfg.train.segment_hops, n,
+                                                                      cfg.train.seed + r.step + 1000 * d.rank))
+        dec = r.wrap(model.decoder)
+        step = lambda batch: _parallel_step(model, dec, opt, batch)
+    r.loop(steps or cfg.train.vqvae_steps, cfg.train.segment_hops, False, step, validate, progress, batches)
     return r.path
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def _parallel_pairs(model: VQVAE, corpus: Corpus, self_fraction: float, device: torch.device) -> ParallelPairs:
+    """The encoder's unit-norm content and code indices of every training utterance (~40 s for 14k on 2 CPU
+    threads), for :class:`ParallelPairs`."""
+    model.eval()
+    content, codes = {}, {}
+    for i in corpus.indices("train"):
+        z = model.encoder(torch.from_numpy(corpus.utts[i]["mel"])[None].to(device))[0]   # [D, T]
+        codes[i] = model.vq.nearest(z.t()).cpu().numpy()
+        content[i] = F.normalize(z, dim=0).cpu().numpy()
+    return ParallelPairs(corpus, content, codes, self_fraction)
+
+
+def _parallel_step(model: VQVAE, dec: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> dict[str, float]:
+    """Cross-voice decoder step: voice B's mel rebuilt from another voice's codes of the same text (warped onto
+    B's timeline; :class:`ParallelPairs`), L1 + L2. The encoder, codebook and speaker table stay as they are: the
+    codes a source makes, and what each voice's embedding means, do not move under a trained student."""
+    model.eval()
+    model.decoder.train()
+    q = model.vq.codebook.detach()[batch["codes"]].transpose(1, 2)                      # [B, D, F]
+    out = dec(q, model.speakers(batch["speaker"]).detach(), batch["pitch"])
+    l1, l2 = F.l1_loss(out, batch["mel"]), F.mse_loss(out, batch["mel"])
+    _update(opt, model, l1 + l2)
+    return {"loss": (l1 + l2).item(), "l1": l1.item()}
 
 
 def _adversarial(r: StageRunner, gen_loss: torch.Tensor, y_hat: torch.Tensor, y: torch.Tensor,

@@ -251,6 +251,35 @@ def test_vqvae_with_speaker_adversary_trains_resumes_and_exports_without_it(prep
     assert load_checkpoint(p, "vqvae")["models"]["speaker_adversary"]["net.4.weight"].shape[0] == 4
 
 
+def test_parallel_decoder_training_moves_only_the_decoder(prepared, tmp_path):
+    """`rtvc train vqvae --parallel`: each voice rebuilt from another voice's codes of the same text. Only the
+    decoder's weights move (the encoder, the codebook and its EMA statistics, the speaker table stay), the step
+    counter and checkpoint continue, and the DTW warp maps a reading onto another of the same content exactly."""
+    from rtvc.data.dataset import ParallelPairs, dtw_warp
+    cfg, cache = prepared
+    ck = tmp_path / "ck"
+    p = train_vqvae(cfg, cache, ck, steps=2, progress=False)
+    before = load_checkpoint(p, "vqvae")["models"]["vqvae"]
+    train_vqvae(cfg, cache, ck, steps=5, progress=False, parallel=True)
+    saved = load_checkpoint(p, "vqvae")
+    after = saved["models"]["vqvae"]
+    assert saved["step"] == 5
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("decoder.") for k in moved), moved
+    # a reading spoken at half speed: each of its frames maps back to the frame it repeats
+    rng = np.random.default_rng()
+    za = rng.standard_normal((16, 30))
+    za /= np.linalg.norm(za, axis=0)
+    idx = np.repeat(np.arange(30), 2)
+    assert np.array_equal(dtw_warp(za, za[:, idx]), idx)
+    # a corpus whose voices never read the same text cannot give pairs
+    corpus = Corpus(cache, cfg.model)
+    for u in corpus.utts:
+        u["text"] = None
+    with pytest.raises(CorpusError, match="parallel corpus"):
+        ParallelPairs(corpus, {}, {}, 0.5)
+
+
 def _batch(cfg, n: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(5)
     return {"mel": torch.randn(n, cfg.model.n_mels, 12, generator=g), "pitch": torch.randn(n, 2, 12, generator=g),

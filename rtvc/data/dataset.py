@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from ..config import ModelConfig
 from ..frontend import LOG_EPS, PitchStats, lf0_features, mel_centers
-from .prepare import CorpusError
+from .prepare import CorpusError, _normalise_text
 
 
 class Corpus:
@@ -100,3 +100,69 @@ class SegmentDataset(Dataset):
         if self.with_wav:
             out["wav"] = torch.from_numpy(np.ascontiguousarray(wav))
         return out
+
+
+def dtw_warp(za: np.ndarray, zb: np.ndarray) -> np.ndarray:
+    """Unit-norm content vectors of two readings of one text, A [D, Ta] and B [D, Tb] -> for every frame of B the
+    last frame of A that DTW (cosine distance) aligns to it [Tb] int."""
+    import librosa
+    _, path = librosa.sequence.dtw(C=1.0 - za.T @ zb, backtrack=True)
+    warp = np.zeros(zb.shape[1], np.int64)
+    np.maximum.at(warp, path[:, 1], path[:, 0])  # several A frames per B frame: the latest (causal content)
+    return warp
+
+
+class ParallelPairs:
+    """Cross-voice decoder training items from a parallel corpus (voices reading the same texts). For a random
+    training utterance B: another voice's reading A of the same text (B itself with probability
+    ``self_fraction``), A's content codes warped onto B's frames by :func:`dtw_warp` on the encoder's content,
+    and a ``frames``-long segment of B. Item: ``codes`` [F] long (A's codes on B's timeline), ``mel`` [n_mels, F],
+    ``pitch`` [2, F], ``speaker`` (B's). Why: the decoder only ever learns to rebuild a voice from that voice's own
+    codes, and renders another engine's codes poorly in it (held-out flite source into espeak-ng voices: 8.97 dB
+    MCD where an espeak-ng source gets 6.56); here it learns to from real readings."""
+
+    def __init__(self, corpus: Corpus, content: dict[int, np.ndarray], codes: dict[int, np.ndarray],
+                 self_fraction: float) -> None:
+        """``content``: unit-norm encoder output [D, T] and ``codes`` its code indices [T], per training utterance
+        index of ``corpus``."""
+        self.c, self.content, self.codes, self.self_fraction = corpus, content, codes, self_fraction
+        by_text: dict[str, list[int]] = {}
+        for i in corpus.indices("train"):
+            if corpus.utts[i].get("text"):
+                by_text.setdefault(_normalise_text(corpus.utts[i]["text"]), []).append(i)
+        self.partners = {i: [j for j in group if corpus.utts[j]["spk"] != corpus.utts[i]["spk"]]
+                         for group in by_text.values() for i in group}
+        self.idx = [i for i, p in self.partners.items() if p]
+        if not self.idx:
+            raise CorpusError("no two voices of the corpus read the same text in training: cross-voice training needs "
+                              "a parallel corpus (transcripts shared across voices, as `rtvc data synth` makes)")
+        w = np.array([corpus.utts[i]["frames"] for i in self.idx], np.float64)
+        self.p = w / w.sum()
+        self._warps: dict[tuple[int, int], np.ndarray] = {}
+
+    def item(self, rng: np.random.Generator, frames: int) -> dict[str, torch.Tensor]:
+        b = self.idx[rng.choice(len(self.idx), p=self.p)]
+        ub = self.c.utts[b]
+        if rng.random() < self.self_fraction:
+            codes = self.codes[b]
+        else:
+            a = self.partners[b][rng.integers(len(self.partners[b]))]
+            if (a, b) not in self._warps:  # ~5 ms per pair; a run revisits pairs, and ~20 bytes per frame is cheap
+                self._warps[a, b] = dtw_warp(self.content[a], self.content[b])
+            codes = self.codes[a][self._warps[a, b]]
+        n = ub["frames"]
+        start = int(rng.integers(0, n - frames + 1)) if n >= frames else 0
+        codes, mel, pitch = codes[start: start + frames], ub["mel"][:, start: start + frames], ub["pitch"][:, start: start + frames]
+        if n < frames:  # pad short utterances with silence (its last code held)
+            mel = np.concatenate([mel, np.repeat(self.c.silence_mel()[:, None], frames - n, 1)], 1)
+            pitch = np.pad(pitch, ((0, 0), (0, frames - n)))
+            codes = np.pad(codes, (0, frames - n), mode="edge")
+        return {"codes": torch.from_numpy(np.ascontiguousarray(codes)), "mel": torch.from_numpy(np.ascontiguousarray(mel)),
+                "pitch": torch.from_numpy(np.ascontiguousarray(pitch)), "speaker": torch.tensor(ub["spk"])}
+
+    def batches(self, n: int, frames: int, steps: int, seed: int):
+        """``steps`` batches of ``n`` items (deterministic in ``seed``)."""
+        rng = np.random.default_rng(seed)
+        for _ in range(steps):
+            items = [self.item(rng, frames) for _ in range(n)]
+            yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
