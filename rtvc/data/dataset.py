@@ -67,6 +67,18 @@ class Corpus:
     def silence_mel(self) -> np.ndarray:
         return ((np.log(LOG_EPS) - self.mel_mean) / self.mel_std).astype(np.float32)
 
+    def segment(self, u: dict, start: int, f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frames ``start .. start + f`` of utterance ``u``: (mel [n_mels, f], pitch [2, f], wav [f*hop]), a short
+        utterance padded with silence."""
+        n = u["frames"]
+        mel, pitch = u["mel"][:, start: start + f], u["pitch"][:, start: start + f]
+        wav = u["wav"][start * self.hop: (start + f) * self.hop]
+        if n < f:
+            mel = np.concatenate([mel, np.repeat(self.silence_mel()[:, None], f - n, 1)], 1)
+            pitch = np.pad(pitch, ((0, 0), (0, f - n)))
+            wav = np.pad(wav, (0, (f - n) * self.hop))
+        return mel, pitch, wav
+
 
 class SegmentDataset(Dataset):
     """Item i = a random ``frames``-long segment (deterministic in (seed, i)) of a random utterance of ``split``:
@@ -88,13 +100,7 @@ class SegmentDataset(Dataset):
         u = self.c.utts[self.idx[rng.choice(len(self.idx), p=self.p)]]
         n, f = u["frames"], self.frames
         start = int(rng.integers(0, n - f + 1)) if n >= f else 0
-        mel = u["mel"][:, start: start + f]
-        pitch = u["pitch"][:, start: start + f]
-        wav = u["wav"][start * self.c.hop: (start + f) * self.c.hop]
-        if n < f:  # pad short utterances with silence
-            mel = np.concatenate([mel, np.repeat(self.c.silence_mel()[:, None], f - n, 1)], 1)
-            pitch = np.pad(pitch, ((0, 0), (0, f - n)))
-            wav = np.pad(wav, (0, (f - n) * self.c.hop))
+        mel, pitch, wav = self.c.segment(u, start, f)
         out = {"mel": torch.from_numpy(np.ascontiguousarray(mel)), "pitch": torch.from_numpy(np.ascontiguousarray(pitch)),
                "speaker": torch.tensor(u["spk"])}
         if self.with_wav:
@@ -152,11 +158,8 @@ class ParallelPairs:
             codes = self.codes[a][self._warps[a, b]]
         n = ub["frames"]
         start = int(rng.integers(0, n - frames + 1)) if n >= frames else 0
-        codes, mel, pitch = codes[start: start + frames], ub["mel"][:, start: start + frames], ub["pitch"][:, start: start + frames]
-        if n < frames:  # pad short utterances with silence (its last code held)
-            mel = np.concatenate([mel, np.repeat(self.c.silence_mel()[:, None], frames - n, 1)], 1)
-            pitch = np.pad(pitch, ((0, 0), (0, frames - n)))
-            codes = np.pad(codes, (0, frames - n), mode="edge")
+        mel, pitch, _ = self.c.segment(ub, start, frames)
+        codes = np.pad(codes[start: start + frames], (0, max(0, frames - n)), mode="edge")  # silence: last code held
         return {"codes": torch.from_numpy(np.ascontiguousarray(codes)), "mel": torch.from_numpy(np.ascontiguousarray(mel)),
                 "pitch": torch.from_numpy(np.ascontiguousarray(pitch)), "speaker": torch.tensor(ub["spk"])}
 
