@@ -299,8 +299,10 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
     adversary = (r.add("speaker_adversary", SpeakerAdversary(cfg.vqvae.code_dim, len(r.corpus.speakers), w))
                  if w else None)
     r.resume()
-    net, opt = r.wrap(model), r.optims["vqvae"]
-    adv_net = r.wrap(adversary) if adversary is not None else None
+    opt = r.optims["vqvae"]
+    # the parallel mode runs the decoder alone (its own DDP wrapper below): nothing else is wrapped
+    net = r.wrap(model) if not parallel else None
+    adv_net = r.wrap(adversary) if adversary is not None and not parallel else None
     augment = ContentAugment(cfg.model, r.corpus.mel_mean, r.corpus.mel_std, cfg.train.formant_warp,
                              cfg.train.spectral_eq_db, RoomAugment(cfg.model, cfg.train, cfg.train.seed))
 

@@ -329,6 +329,7 @@ def _stages_worker(rank: int, world: int, port: int, cfg, cache: str, ck: str) -
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))  # what torchrun sets: setup_distributed joins the group from these
     train_vqvae(cfg, cache, ck, steps=3, progress=False)
+    train_vqvae(cfg, cache, ck, steps=5, progress=False, parallel=True)  # the decoder alone across voices
     train_teacher(cfg, cache, ck, steps=3, progress=False)  # adversarial_start=2: the GAN branch under DDP too
     train_student(cfg, cache, ck, steps=4, progress=False)  # distillation then fine-tuning, then rank 0 exports
     teardown_distributed()
@@ -344,6 +345,6 @@ def test_every_stage_trains_under_two_gloo_processes(prepared, tmp_path):
         port = s.getsockname()[1]
     ck = tmp_path / "ck"
     mp.spawn(_stages_worker, args=(2, port, cfg, str(cache), str(ck)), nprocs=2, join=True)
-    assert [load_checkpoint(ck / f"{k}.pt", k)["step"] for k in ("vqvae", "teacher", "student")] == [3, 3, 4]
+    assert [load_checkpoint(ck / f"{k}.pt", k)["step"] for k in ("vqvae", "teacher", "student")] == [5, 3, 4]
     assert VoiceModel.load(ck / "model.pt").speakers == ["high", "low", "mid"]
 
