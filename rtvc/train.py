@@ -209,12 +209,17 @@ class StageRunner:
                                     "stats": self.stats(), "models": {k: m.state_dict() for k, m in self.models.items()},
                                     "optims": {k: o.state_dict() for k, o in self.optims.items()}})
 
+    @property
+    def per_rank(self) -> int:
+        """Items per batch on this process: ``train.batch_size`` split across the ranks."""
+        return max(1, self.cfg.train.batch_size // self.d.world)
+
     def loader(self, frames: int, steps: int, with_wav: bool) -> DataLoader:
         t = self.cfg.train
-        per_rank = max(1, t.batch_size // self.d.world)
-        ds = SegmentDataset(self.corpus, "train", frames, per_rank * self.d.world * steps, t.seed + self.step, with_wav)
+        ds = SegmentDataset(self.corpus, "train", frames, self.per_rank * self.d.world * steps, t.seed + self.step,
+                            with_wav)
         sampler = DistributedSampler(ds, self.d.world, self.d.rank, shuffle=False) if self.d.world > 1 else None
-        return DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=t.num_workers, drop_last=True,
+        return DataLoader(ds, batch_size=self.per_rank, sampler=sampler, num_workers=t.num_workers, drop_last=True,
                           persistent_workers=False)
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -328,17 +333,11 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
     batches = None
     if parallel:
         pairs = _parallel_pairs(model, r.corpus, cfg.train.parallel_self_fraction, d.device)
-        per_rank = max(1, cfg.train.batch_size // d.world)
-        batches = lambda n: (_to(b, d.device) for b in pairs.batches(per_rank, cfg.train.segment_hops, n,
-                                                                      cfg.train.seed + r.step + 1000 * d.rank))
+        batches = lambda n: pairs.batches(r.per_rank, cfg.train.segment_hops, n, cfg.train.seed + r.step + 1000 * d.rank)
         dec = r.wrap(model.decoder)
         step = lambda batch: _parallel_step(model, dec, opt, batch)
     r.loop(steps or cfg.train.vqvae_steps, cfg.train.segment_hops, False, step, validate, progress, batches)
     return r.path
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()

@@ -67,17 +67,18 @@ class Corpus:
     def silence_mel(self) -> np.ndarray:
         return ((np.log(LOG_EPS) - self.mel_mean) / self.mel_std).astype(np.float32)
 
-    def segment(self, u: dict, start: int, f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Frames ``start .. start + f`` of utterance ``u``: (mel [n_mels, f], pitch [2, f], wav [f*hop]), a short
-        utterance padded with silence."""
+    def segment(self, u: dict, f: int, rng: np.random.Generator) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """A random ``f``-frame segment of utterance ``u``: (its first frame, mel [n_mels, f], pitch [2, f], wav
+        [f*hop]), a short utterance padded with silence."""
         n = u["frames"]
+        start = int(rng.integers(0, n - f + 1)) if n >= f else 0
         mel, pitch = u["mel"][:, start: start + f], u["pitch"][:, start: start + f]
         wav = u["wav"][start * self.hop: (start + f) * self.hop]
         if n < f:
             mel = np.concatenate([mel, np.repeat(self.silence_mel()[:, None], f - n, 1)], 1)
             pitch = np.pad(pitch, ((0, 0), (0, f - n)))
             wav = np.pad(wav, (0, (f - n) * self.hop))
-        return mel, pitch, wav
+        return start, mel, pitch, wav
 
 
 class SegmentDataset(Dataset):
@@ -98,9 +99,7 @@ class SegmentDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng((self.seed, i))
         u = self.c.utts[self.idx[rng.choice(len(self.idx), p=self.p)]]
-        n, f = u["frames"], self.frames
-        start = int(rng.integers(0, n - f + 1)) if n >= f else 0
-        mel, pitch, wav = self.c.segment(u, start, f)
+        _, mel, pitch, wav = self.c.segment(u, self.frames, rng)
         out = {"mel": torch.from_numpy(np.ascontiguousarray(mel)), "pitch": torch.from_numpy(np.ascontiguousarray(pitch)),
                "speaker": torch.tensor(u["spk"])}
         if self.with_wav:
@@ -156,10 +155,9 @@ class ParallelPairs:
             if (a, b) not in self._warps:  # ~5 ms per pair; a run revisits pairs, and ~20 bytes per frame is cheap
                 self._warps[a, b] = dtw_warp(self.content[a], self.content[b])
             codes = self.codes[a][self._warps[a, b]]
-        n = ub["frames"]
-        start = int(rng.integers(0, n - frames + 1)) if n >= frames else 0
-        mel, pitch, _ = self.c.segment(ub, start, frames)
-        codes = np.pad(codes[start: start + frames], (0, max(0, frames - n)), mode="edge")  # silence: last code held
+        start, mel, pitch, _ = self.c.segment(ub, frames, rng)
+        # a short utterance's silence padding holds its last code
+        codes = np.pad(codes[start: start + frames], (0, max(0, frames - ub["frames"])), mode="edge")
         return {"codes": torch.from_numpy(np.ascontiguousarray(codes)), "mel": torch.from_numpy(np.ascontiguousarray(mel)),
                 "pitch": torch.from_numpy(np.ascontiguousarray(pitch)), "speaker": torch.tensor(ub["spk"])}
 
