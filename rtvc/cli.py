@@ -112,6 +112,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="vqvae only: train the decoder across voices on a parallel corpus (each voice rebuilt from "
                          "another voice's reading of the same text; train.parallel_self_fraction), encoder frozen")
 
+    en = sub.add_parser("enrol", help="adapt a voice model to your voice: read prompts once, then train (~3 min)")
+    esub = en.add_subparsers(dest="enrol_command", metavar="ACTION", required=True)
+    ep = esub.add_parser("prompts", help="write the sentences to read, DIR/prompt_NNN.txt (record each as .wav)")
+    ep.add_argument("dir")
+    ep.add_argument("--n", type=int, help="how many (default: enrol.prompts)")
+    ep.add_argument("--testset", help="test set whose sentences to leave out (default: <paths.data_dir>/testset)")
+    et = esub.add_parser("train", help="adapt the voice model's decoder to the readings in DIR (NAME.wav + NAME.txt)")
+    et.add_argument("dir")
+    et.add_argument("--out", required=True, help="the adapted voice model file to write")
+    et.add_argument("--model", help="voice model to adapt (default: paths.model)")
+    et.add_argument("--voices", help="comma-separated voices to adapt (default: every voice a TTS engine here reads)")
+
     ex = sub.add_parser("export", help="bundle vqvae.pt + student.pt into one voice model file")
     ex.add_argument("--out", help="output file (default: <paths.checkpoint_dir>/model.pt)")
     ex.add_argument("--teacher", metavar="OUT",
@@ -290,6 +302,24 @@ def _cmd_train(cfg: Config, a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_enrol(cfg: Config, a: argparse.Namespace) -> int:
+    from .convert import NoVoiceModel
+    from .enrol import enrol, testset_texts, write_prompts
+    if a.enrol_command == "prompts":
+        paths = write_prompts(a.dir, a.n or cfg.enrol.prompts,
+                              testset_texts(a.testset or Path(cfg.paths.data_dir) / "testset"))
+        print(f"{a.dir}: {len(paths)} prompts; read each aloud and save it next to its text as the same name with "
+              f".wav (e.g. {paths[0].with_suffix('.wav').name}), then `rtvc enrol train {a.dir} --out mine.pt`")
+        return 0
+    if not cfg.paths.model:
+        raise NoVoiceModel("no voice model to adapt: pass --model FILE or set paths.model")
+    r = enrol(cfg, cfg.paths.model, a.dir, a.out, a.voices.split(",") if a.voices else None)
+    print(f"{r['out']}: {r['recordings']} readings, {len(r['voices'])} voices ({', '.join(r['voices'])}), "
+          f"{r['steps']} steps in {r['seconds']:.0f} s, pair loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}; "
+          f"use it with --model {r['out']}")
+    return 0
+
+
 def _cmd_export(cfg: Config, a: argparse.Namespace) -> int:
     from .train import export_teacher, export_voice_model
     ckpt = Path(cfg.paths.checkpoint_dir)
@@ -335,7 +365,7 @@ def _cmd_bench(cfg: Config, a: argparse.Namespace) -> int:
 
 COMMANDS = {"config": _cmd_config, "devices": _cmd_devices, "convert": _cmd_convert, "live": _cmd_live,
             "voices": _cmd_voices, "data": _cmd_data, "train": _cmd_train, "export": _cmd_export, "bench": _cmd_bench,
-            "serve": _cmd_serve, "profile": _cmd_profile, "eval": _cmd_eval}
+            "serve": _cmd_serve, "profile": _cmd_profile, "eval": _cmd_eval, "enrol": _cmd_enrol}
 
 
 def resolve_model(cfg: Config) -> Config:

@@ -276,6 +276,19 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EnrolConfig:
+    prompts: int
+    steps_per_voice: int
+    learning_rate: float
+    self_fraction: float
+
+    def __post_init__(self) -> None:
+        _check(self.prompts >= 1 and self.steps_per_voice >= 1, "enrol.prompts and enrol.steps_per_voice must be >= 1")
+        _check(self.learning_rate > 0, "enrol.learning_rate must be > 0")
+        _check(0 <= self.self_fraction < 1, "enrol.self_fraction must be in 0..1 (1 excluded)")
+
+
+@dataclass(frozen=True)
 class PathsConfig:
     data_dir: str
     checkpoint_dir: str
@@ -292,6 +305,7 @@ class Config:
     student: StudentConfig
     server: ServerConfig
     train: TrainConfig
+    enrol: EnrolConfig
     paths: PathsConfig
 
     def __post_init__(self) -> None:

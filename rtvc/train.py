@@ -341,7 +341,8 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
 
 
 @torch.no_grad()
-def _parallel_pairs(model: VQVAE, corpus: Corpus, self_fraction: float, device: torch.device) -> ParallelPairs:
+def _parallel_pairs(model: VQVAE, corpus: Corpus, self_fraction: float, device: torch.device,
+                    sources: set[int] | None = None) -> ParallelPairs:
     """The encoder's unit-norm content and code indices of every training utterance (~40 s for 14k on 2 CPU
     threads), for :class:`ParallelPairs`."""
     model.eval()
@@ -350,7 +351,7 @@ def _parallel_pairs(model: VQVAE, corpus: Corpus, self_fraction: float, device: 
         z = model.encoder(torch.from_numpy(corpus.utts[i]["mel"])[None].to(device))[0]   # [D, T]
         codes[i] = model.vq.nearest(z.t()).cpu().numpy()
         content[i] = F.normalize(z, dim=0).cpu().numpy()
-    return ParallelPairs(corpus, content, codes, self_fraction)
+    return ParallelPairs(corpus, content, codes, self_fraction, sources)
 
 
 def _parallel_step(model: VQVAE, dec: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> dict[str, float]:

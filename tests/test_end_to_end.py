@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from conftest import TINY
 
@@ -51,3 +52,31 @@ def test_synth_prepare_train_convert(tmp_path):
     assert rate_x == rate_y and y.shape[0] == x.shape[0]
     assert np.isfinite(y).all() and np.abs(y).max() > 0
     assert "slt" in rtvc(f"--set=paths.model={json.dumps(str(model))}", "voices")
+
+    # enrolment: an unseen voice (kal) reads the prompts; the adapted model differs from the original only in its
+    # decoder, and converts
+    from rtvc.data.synth import VOICES, synthesize
+    from rtvc.voice import VoiceModel
+    enrol = tmp_path / "enrol"
+    rtvc("enrol", "prompts", str(enrol), "--n", "3")
+    kal = next(v for v in VOICES if v.name == "kal")
+    for t in sorted(enrol.glob("*.txt")):
+        assert synthesize(kal, t.read_text().strip(), t.with_suffix(".wav")) is None
+    mine = tmp_path / "mine.pt"
+    out = rtvc("--set=enrol.steps_per_voice=2", "enrol", "train", str(enrol), "--out", str(mine), "--model", str(model),
+               "--voices", "awb,slt")
+    assert "3 readings, 2 voices" in out
+    a, b = VoiceModel.load(model), VoiceModel.load(mine)
+    assert a.speakers == b.speakers
+    moved = {k for k, v in a.state_dict().items() if not torch.equal(v, b.state_dict()[k])}
+    assert moved and all(k.startswith("vqvae.decoder.") for k in moved), moved
+    rtvc("convert", str(src), str(dst), "--voice", "slt", "--model", str(mine))
+    # a recording without its text, and a voice the model lacks, are refused with what to do
+    sf.write(str(enrol / "extra.wav"), np.zeros(24000, np.float32), 24000)
+    r = subprocess.run([sys.executable, "-m", "rtvc", *sets, "enrol", "train", str(enrol), "--out", str(mine),
+                        "--model", str(model)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "extra.wav" in r.stderr and "needs NAME.txt" in r.stderr
+    (enrol / "extra.wav").unlink()
+    r = subprocess.run([sys.executable, "-m", "rtvc", *sets, "enrol", "train", str(enrol), "--out", str(mine),
+                        "--model", str(model), "--voices", "rms"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "['rms'] cannot" in r.stderr

@@ -280,6 +280,26 @@ def test_parallel_decoder_training_moves_only_the_decoder(prepared, tmp_path):
         ParallelPairs(corpus, {}, {}, 0.5)
 
 
+def test_parallel_pairs_with_source_only_voices(prepared):
+    """Enrolment's pairs (`rtvc enrol`): a source-only voice's readings are every cross item's codes, and never an
+    item's target (its speaker row need not exist in the decoder)."""
+    from rtvc.data.dataset import ParallelPairs
+    cfg, cache = prepared
+    corpus = Corpus(cache, cfg.model)
+    rng = np.random.default_rng()
+    src = int(rng.integers(len(corpus.speakers)))
+    train = corpus.indices("train")
+    codes = {i: np.full(corpus.utts[i]["frames"], corpus.utts[i]["spk"]) for i in train}
+    content = {}
+    for i in train:
+        z = rng.standard_normal((8, corpus.utts[i]["frames"]))
+        content[i] = z / np.linalg.norm(z, axis=0)
+    pairs = ParallelPairs(corpus, content, codes, 0.0, sources={src})
+    assert pairs.idx and all(corpus.utts[i]["spk"] != src for i in pairs.idx)
+    for b in pairs.batches(4, 16, 3, int(rng.integers(1 << 30))):
+        assert (b["codes"] == src).all() and (b["speaker"] != src).all()
+
+
 def _batch(cfg, n: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(5)
     return {"mel": torch.randn(n, cfg.model.n_mels, 12, generator=g), "pitch": torch.randn(n, 2, 12, generator=g),

@@ -124,10 +124,12 @@ class ParallelPairs:
     and a ``frames``-long segment of B. Item: ``codes`` [F] long (A's codes on B's timeline), ``mel`` [n_mels, F],
     ``pitch`` [2, F], ``speaker`` (B's). Why: the decoder only ever learns to rebuild a voice from that voice's own
     codes, and renders another engine's codes poorly in it (held-out flite source into espeak-ng voices: 8.97 dB
-    MCD where an espeak-ng source gets 6.56); here it learns to from real readings."""
+    MCD where an espeak-ng source gets 6.56); here it learns to from real readings. ``sources``: the speaker
+    indices whose readings serve as A, and only as A (an enrolled source voice, :mod:`rtvc.enrol`; default: every
+    voice is both)."""
 
     def __init__(self, corpus: Corpus, content: dict[int, np.ndarray], codes: dict[int, np.ndarray],
-                 self_fraction: float) -> None:
+                 self_fraction: float, sources: set[int] | None = None) -> None:
         """``content``: unit-norm encoder output [D, T] and ``codes`` its code indices [T], per training utterance
         index of ``corpus``."""
         self.c, self.content, self.codes, self.self_fraction = corpus, content, codes, self_fraction
@@ -135,9 +137,10 @@ class ParallelPairs:
         for i in corpus.indices("train"):
             if corpus.utts[i].get("text"):
                 by_text.setdefault(_normalise_text(corpus.utts[i]["text"]), []).append(i)
-        self.partners = {i: [j for j in group if corpus.utts[j]["spk"] != corpus.utts[i]["spk"]]
+        spk = lambda i: corpus.utts[i]["spk"]
+        self.partners = {i: [j for j in group if spk(j) != spk(i) and (sources is None or spk(j) in sources)]
                          for group in by_text.values() for i in group}
-        self.idx = [i for i, p in self.partners.items() if p]
+        self.idx = [i for i, p in self.partners.items() if p and (sources is None or spk(i) not in sources)]
         if not self.idx:
             raise CorpusError("no two voices of the corpus read the same text in training: cross-voice training needs "
                               "a parallel corpus (transcripts shared across voices, as `rtvc data synth` makes)")
