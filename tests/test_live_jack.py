@@ -210,3 +210,57 @@ def test_mic_client_through_jack_and_server(jack_server):
     best, exact, summary = _exact_windows(x, y, 0, RATE // 5, 1e-4)
     assert exact >= 0.8, f"mic client output is not the (delayed) input ({summary})\n{log}"
     print(f"mic client: measured delay {1000 * best / RATE:.1f} ms")
+
+
+def test_record_prompts_through_jack(jack_server, tmp_path):
+    """clients/record_prompts.py: Enter starts a take, Enter stops it; the saved take is what the microphone
+    (JACK's capture, fed a known signal) delivered between the two, sample for sample (16-bit PCM)."""
+    import jack
+    import soundfile as sf
+    (tmp_path / "prompt_000.txt").write_text("The golden window dropped.\n")
+    (tmp_path / "prompt_001.txt").write_text("Please ask the farmer.\n")
+    sig = _signal(RATE * 8, seed=3)
+    pos = np.zeros(1, np.int64)
+    feeder = jack.Client("rtvc-test-feeder", no_start_server=True)
+    out_port = feeder.outports.register("out")
+
+    @feeder.set_process_callback
+    def process(frames: int) -> None:
+        p = int(pos[0]) % (sig.shape[0] - frames)
+        out_port.get_array()[:] = sig[p: p + frames]
+        pos[0] += frames
+
+    feeder.activate()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "clients/record_prompts.py", str(tmp_path), "--input-device", "system",
+                             "--rate", str(RATE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        proc.stdin.write("\n")  # start the first take
+        proc.stdin.flush()
+        port = None
+        for _ in range(150):
+            port = next((p.name for p in feeder.get_ports(is_audio=True, is_input=True)
+                         if not p.name.startswith(("system:", "rtvc-test-"))), None)
+            if port or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert port, proc.communicate(timeout=20)[0]
+        feeder.connect(out_port, port)
+        time.sleep(2.0)
+        log = proc.communicate("\nq\n", timeout=30)[0]  # stop, then quit at the second prompt
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        feeder.deactivate()
+        feeder.close()
+    assert proc.returncode == 0 and "saved prompt_000.wav" in log and "1 of 2 recorded" in log, log
+    assert not (tmp_path / "prompt_001.wav").exists()
+    y, rate = sf.read(str(tmp_path / "prompt_000.wav"), dtype="float32")
+    assert rate == RATE and y.shape[0] > RATE, log
+    # the take's last second (connected by then) holds stretches of the signal, to 16-bit quantisation; either
+    # half will do: a JACK graph xrun under --no-realtime can skip a period (see _exact_windows)
+    def exact(part: np.ndarray) -> bool:
+        at = int(np.argmax(np.correlate(sig, part, mode="valid")))
+        return float(np.max(np.abs(sig[at: at + part.shape[0]] - part))) < 2e-4
+    assert exact(y[-RATE // 2:]) or exact(y[-RATE: -RATE // 2]), log
