@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="vqvae only: train the decoder across voices on a parallel corpus (each voice rebuilt from "
                          "another voice's reading of the same text; train.parallel_self_fraction), encoder frozen")
 
-    en = sub.add_parser("enrol", help="adapt a voice model to your voice: read prompts once, then train (~3 min)")
+    en = sub.add_parser("enrol", help="adapt a voice model to your voice: read prompts once, then train (~30 s of CPU per voice)")
     esub = en.add_subparsers(dest="enrol_command", metavar="ACTION", required=True)
     ep = esub.add_parser("prompts", help="write the sentences to read, DIR/prompt_NNN.txt (record each as .wav)")
     ep.add_argument("dir")
