@@ -66,7 +66,7 @@ def enrol(cfg: Config, model_path: str | Path, recordings: str | Path, out: str 
     """Adapt the decoder of the voice model at ``model_path`` to the speaker of ``recordings``
     (:func:`read_recordings`) for ``voices`` (default: every voice of the model a TTS engine here can read);
     ``cfg.enrol`` sets prompts' use, steps and rate. Writes the adapted voice model to ``out``; returns a summary."""
-    from .train import _parallel_pairs, _parallel_step
+    from .train import parallel_pairs, parallel_step
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     model = VoiceModel.load(model_path)
@@ -95,12 +95,12 @@ def enrol(cfg: Config, model_path: str | Path, recordings: str | Path, out: str 
                             "split": "train", "spk": SOURCE_SPK, "mel": mel[0].numpy(), "pitch": None, "wav": x})
     e = cfg.enrol
     steps = e.steps_per_voice * len(voices)  # each voice learns from its own pairs
-    pairs = _parallel_pairs(model.vqvae, corpus, e.self_fraction, torch.device("cpu"), sources={SOURCE_SPK})
+    pairs = parallel_pairs(model.vqvae, corpus, e.self_fraction, torch.device("cpu"), sources={SOURCE_SPK})
     opt = torch.optim.Adam(model.vqvae.decoder.parameters(), lr=e.learning_rate)
     losses = []
     for batch in tqdm(pairs.batches(cfg.train.batch_size, cfg.train.segment_hops, steps, cfg.train.seed),
                       total=steps, desc="enrol", unit="step", disable=not progress):
-        losses.append(_parallel_step(model.vqvae, model.vqvae.decoder, opt, batch)["loss"])
+        losses.append(parallel_step(model.vqvae, model.vqvae.decoder, opt, batch)["loss"])
     model.eval()
     model.save(out)
     return {"out": str(out), "recordings": len(recs), "voices": voices, "pairs": len(pairs.idx),

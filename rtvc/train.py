@@ -295,7 +295,7 @@ def _batch_segments(corpus: Corpus, frames: int, n: int, device: torch.device, s
 def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int | None = None,
                 progress: bool = True, finetune: bool = False, init: str | Path | None = None,
                 parallel: bool = False) -> Path:
-    """``parallel``: cross-voice decoder training on a parallel corpus instead (:func:`_parallel_step`)."""
+    """``parallel``: cross-voice decoder training on a parallel corpus instead (:func:`parallel_step`)."""
     d = setup_distributed()
     torch.manual_seed(cfg.train.seed)
     r = StageRunner("vqvae", cfg, cache, ckpt_dir, d, finetune, init)
@@ -332,16 +332,16 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
 
     batches = None
     if parallel:
-        pairs = _parallel_pairs(model, r.corpus, cfg.train.parallel_self_fraction, d.device)
+        pairs = parallel_pairs(model, r.corpus, cfg.train.parallel_self_fraction, d.device)
         batches = lambda n: pairs.batches(r.per_rank, cfg.train.segment_hops, n, cfg.train.seed + r.step + 1000 * d.rank)
         dec = r.wrap(model.decoder)
-        step = lambda batch: _parallel_step(model, dec, opt, batch)
+        step = lambda batch: parallel_step(model, dec, opt, batch)
     r.loop(steps or cfg.train.vqvae_steps, cfg.train.segment_hops, False, step, validate, progress, batches)
     return r.path
 
 
 @torch.no_grad()
-def _parallel_pairs(model: VQVAE, corpus: Corpus, self_fraction: float, device: torch.device,
+def parallel_pairs(model: VQVAE, corpus: Corpus, self_fraction: float, device: torch.device,
                     sources: set[int] | None = None) -> ParallelPairs:
     """The encoder's unit-norm content and code indices of every training utterance (~40 s for 14k on 2 CPU
     threads), for :class:`ParallelPairs`."""
@@ -354,7 +354,7 @@ def _parallel_pairs(model: VQVAE, corpus: Corpus, self_fraction: float, device: 
     return ParallelPairs(corpus, content, codes, self_fraction, sources)
 
 
-def _parallel_step(model: VQVAE, dec: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> dict[str, float]:
+def parallel_step(model: VQVAE, dec: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> dict[str, float]:
     """Cross-voice decoder step: voice B's mel rebuilt from another voice's codes of the same text (warped onto
     B's timeline; :class:`ParallelPairs`), L1 + L2. The encoder, codebook and speaker table stay as they are: the
     codes a source makes, and what each voice's embedding means, do not move under a trained student."""
