@@ -13,7 +13,6 @@ voice model with the same voices, size and latency, for that speaker.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -65,7 +64,7 @@ def enrol(cfg: Config, model_path: str | Path, recordings: str | Path, out: str 
           voices: list[str] | None = None, progress: bool = True) -> dict:
     """Adapt the decoder of the voice model at ``model_path`` to the speaker of ``recordings``
     (:func:`read_recordings`) for ``voices`` (default: every voice of the model a TTS engine here can read);
-    ``cfg.enrol`` sets prompts' use, steps and rate. Writes the adapted voice model to ``out``; returns a summary."""
+    ``cfg.enrol`` sets the steps per voice, rate and self-pair share. Writes the adapted voice model to ``out``; returns a summary."""
     from .train import parallel_pairs, parallel_step
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
@@ -90,7 +89,7 @@ def enrol(cfg: Config, model_path: str | Path, recordings: str | Path, out: str 
         x, _ = load_clip(path, mcfg.sample_rate, min_seconds=0.5)
         x = np.pad(x, (0, (-x.shape[0]) % mcfg.hop_length))
         with torch.no_grad():
-            mel = model.frontend.normalize(model.frontend.log_mel(model.frontend.frames(torch.from_numpy(x)[None])))
+            mel, _ = model.frontend(torch.from_numpy(x)[None])
         corpus.utts.append({"id": f"enrolled__{i}", "speaker": "(enrolled)", "text": text, "frames": mel.shape[2],
                             "split": "train", "spk": SOURCE_SPK, "mel": mel[0].numpy(), "pitch": None, "wav": x})
     e = cfg.enrol
@@ -110,5 +109,5 @@ def enrol(cfg: Config, model_path: str | Path, recordings: str | Path, out: str 
 
 def testset_texts(root: str | Path) -> set[str]:
     """The sentences of the test set at ``root`` (``testset.json``), or none when there is none."""
-    f = Path(root) / "testset.json"
-    return {it["text"] for it in json.loads(f.read_text())["items"]} if f.is_file() else set()
+    from .evaluate import load_testset
+    return {it.text for it in load_testset(root)[2]} if (Path(root) / "testset.json").is_file() else set()
