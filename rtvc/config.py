@@ -251,6 +251,11 @@ class TrainConfig:
     noise_snr_db: tuple[float, ...]
     speaker_adversarial: float
     parallel_self_fraction: float
+    phone_ctc: float
+    phone_voices: tuple[str, ...]
+    phone_language: str
+    phone_utterances: int
+    phone_warmup: int
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "segment_hops", "vocoder_segment_hops", "vqvae_steps", "teacher_steps",
@@ -261,6 +266,10 @@ class TrainConfig:
         _check(0 <= self.spectral_eq_db <= 24, "train.spectral_eq_db must be in 0..24 dB")
         _check(0 <= self.speaker_adversarial <= 10, "train.speaker_adversarial must be in 0..10")
         _check(0 <= self.parallel_self_fraction < 1, "train.parallel_self_fraction must be in 0..1 (1 excluded)")
+        _check(0 <= self.phone_ctc <= 10, "train.phone_ctc must be in 0..10")
+        _check(self.phone_utterances >= 1 and self.phone_warmup >= 0,
+               "train.phone_utterances must be >= 1 and train.phone_warmup >= 0")
+        _check(bool(self.phone_language.strip()), "train.phone_language must name an espeak-ng voice (e.g. en-us)")
         _check(0 <= self.reverb_prob <= 1 and 0 <= self.noise_prob <= 1, "train.reverb_prob and noise_prob must be in 0..1")
         for key, lo, hi in (("reverb_rt60", 0.05, 3.0), ("reverb_drr_db", -20.0, 40.0), ("noise_snr_db", -10.0, 60.0)):
             r = getattr(self, key)

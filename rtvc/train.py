@@ -28,6 +28,7 @@ from .config import Config, ConfigError, ModelConfig
 from .data.dataset import Corpus, ParallelPairs, SegmentDataset
 from .augment import ContentAugment, RoomAugment
 from .frontend import PitchStats
+from .phones import PhoneHead, PhoneTargets
 from .vocoder import Discriminator, MultiResolutionSTFTLoss, Student, Teacher
 from .voice import VoiceModel
 from .vqvae import VQVAE
@@ -171,6 +172,10 @@ class StageRunner:
             self.optims[name] = torch.optim.Adam(model.parameters(), lr=self.cfg.train.learning_rate, betas=(0.5, 0.9))
         return model
 
+    def saved_models(self) -> dict:
+        """The checkpoint's model state dicts by name ({} when starting afresh)."""
+        return self.saved["models"] if self.saved is not None else {}
+
     def stats(self) -> dict:
         c = self.corpus
         return {"speakers": c.speakers, "mel_mean": c.mel_mean.tolist(), "mel_std": c.mel_std.tolist(),
@@ -303,7 +308,11 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
     w = cfg.train.speaker_adversarial
     adversary = (r.add("speaker_adversary", SpeakerAdversary(cfg.vqvae.code_dim, len(r.corpus.speakers), w))
                  if w else None)
+    phones, head = _phone_head(r, cfg) if cfg.train.phone_ctc and not parallel else (None, None)
     r.resume()
+    warm_until = 0
+    if head is not None and "phone_head" not in r.saved_models():
+        warm_until = r.step + cfg.train.phone_warmup  # a fresh head learns on frozen codes before it steers them
     opt = r.optims["vqvae"]
     # the parallel mode runs the decoder alone (its own DDP wrapper below): nothing else is wrapped
     net = r.wrap(model) if not parallel else None
@@ -314,11 +323,18 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
     def step(batch: dict) -> dict[str, float]:
         model.train()
         loss, logs = vqvae_loss(net, batch, augment, adv_net)
-        if adversary is not None:
-            r.optims["speaker_adversary"].zero_grad(set_to_none=True)
+        if head is not None:
+            rng = np.random.default_rng((cfg.train.seed, r.step, d.rank))
+            ctc, commit = phone_loss(model, head, phones.batch("train", cfg.train.phone_utterances, rng), augment,
+                                     frozen=r.step < warm_until, device=d.device)
+            loss = loss + cfg.train.phone_ctc * ctc + commit
+            logs["phone_ctc"] = ctc.item()
+        aux = [r.optims[k] for k in ("speaker_adversary", "phone_head") if k in r.optims]
+        for o in aux:
+            o.zero_grad(set_to_none=True)
         _update(opt, model, loss)
-        if adversary is not None:
-            r.optims["speaker_adversary"].step()
+        for o in aux:
+            o.step()
         return logs
 
     def validate() -> dict[str, float]:
@@ -326,6 +342,9 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
         with torch.no_grad():
             b = _batch_segments(r.corpus, cfg.train.segment_hops, 8, d.device, 0)
             _, logs = vqvae_loss(model, b, None, adversary)
+            if head is not None:
+                vb = phones.batch("val" if phones.items["val"] else "train", 8, np.random.default_rng(0))
+                logs["phone_ctc"] = phone_loss(model, head, vb, None, frozen=True, device=d.device)[0].item()
             used = int((model.vq.ema_count / model.vq.ema_count.sum() > 1e-3).sum())
             _save_sample(r, b, model)
         return {**{f"val_{k}": v for k, v in logs.items()}, "codes_used": used}
@@ -338,6 +357,34 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
         step = lambda batch: parallel_step(model, dec, opt, batch)
     r.loop(steps or cfg.train.vqvae_steps, cfg.train.segment_hops, False, step, validate, progress, batches)
     return r.path
+
+
+def _phone_head(r: StageRunner, cfg: Config) -> tuple[PhoneTargets | None, PhoneHead | None]:
+    """The phone targets and CTC head of ``train.phone_ctc`` (:mod:`rtvc.phones`), or (None, None) when no
+    training utterance of ``train.phone_voices`` has text (a corpus without transcripts trains without it)."""
+    t = cfg.train
+    phones = PhoneTargets(r.corpus, t.phone_voices, t.phone_language)
+    if not phones:
+        if r.d.main:
+            print("train.phone_ctc: no training utterance has text; the phone loss is off for this corpus")
+        return None, None
+    head = PhoneHead(cfg.vqvae.code_dim, len(phones.vocab))
+    saved = r.saved_models().get("phone_head")
+    if saved is not None and saved["net.2.weight"].shape[0] != len(phones.vocab) + 1:
+        del r.saved["models"]["phone_head"]  # another corpus's phone set: the head is relearned, not reloaded
+    return phones, r.add("phone_head", head)
+
+
+def phone_loss(model: VQVAE, head: PhoneHead, batch: dict[str, torch.Tensor], augment: ContentAugment | None,
+               frozen: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """(CTC loss, the codes' commitment loss) of ``head`` on the codes of whole utterances (``batch`` from :meth:`PhoneTargets.batch`), their
+    mel augmented as the reconstruction's is. ``frozen``: the codes are detached (only the head learns). Runs the
+    unwrapped encoder: under DDP its gradient joins the wrapped forward's in the same backward (the autograd engine
+    sums a parameter's contributions before DDP's hook reduces them)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    mel = batch["mel"] if augment is None else augment(batch["mel"])
+    q, _, commit, _ = model.vq(model.encoder(mel))
+    return head(q.detach() if frozen else q, batch), (0.0 if frozen else commit)
 
 
 @torch.no_grad()
