@@ -333,6 +333,11 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
         for o in aux:
             o.zero_grad(set_to_none=True)
         _update(opt, model, loss)
+        if head is not None and d.world > 1:  # the head is not DDP-wrapped (it reads a second forward): average it
+            for p in head.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= d.world
         for o in aux:
             o.step()
         return logs
@@ -377,8 +382,8 @@ def _phone_head(r: StageRunner, cfg: Config) -> tuple[PhoneTargets | None, Phone
 
 def phone_loss(model: VQVAE, head: PhoneHead, batch: dict[str, torch.Tensor], augment: ContentAugment | None,
                frozen: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | float]:
-    """(CTC loss, the codes' commitment loss) of ``head`` on the codes of whole utterances (``batch`` from :meth:`PhoneTargets.batch`), their
-    mel augmented as the reconstruction's is. ``frozen``: the codes are detached (only the head learns). Runs the
+    """(CTC loss, the codes' commitment loss) of ``head`` on the codes of whole utterances (``batch`` from
+    :meth:`PhoneTargets.batch`), their mel augmented as the reconstruction's is. ``frozen``: the codes are detached (only the head learns). Runs the
     unwrapped encoder: under DDP its gradient joins the wrapped forward's in the same backward (the autograd engine
     sums a parameter's contributions before DDP's hook reduces them)."""
     batch = {k: v.to(device) for k, v in batch.items()}
