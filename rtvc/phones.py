@@ -31,7 +31,7 @@ def phonemize(text: str, language: str) -> list[str]:
     if exe is None:
         raise CorpusError("train.phone_ctc needs espeak-ng to transcribe the corpus's text into phones: install it "
                           "(scripts/install_tts.sh, or apt-get install espeak-ng) or set train.phone_ctc = 0")
-    out = subprocess.run([exe, "-q", f"--ipa=3", "-v", language, text], capture_output=True, text=True, check=True)
+    out = subprocess.run([exe, "-q", "--ipa=3", "-v", language, text], capture_output=True, text=True, check=True)
     phones: list[str] = []
     for ch in out.stdout.replace("ˈ", "").replace("ˌ", "").replace("\n", " "):
         if ch == " ":
@@ -80,7 +80,10 @@ class PhoneTargets:
 
 class PhoneHead(nn.Module):
     """Training-only per-frame phone classifier on the quantized codes [B, D, T] (no context of its own: what it
-    reads must be in each frame's code). Not part of the voice model."""
+    reads must be in each frame's code). Not part of the voice model. ``relearned_when_reshaped``: a checkpoint's
+    head for another phone set is relearned (weights and optimiser), not reloaded."""
+
+    relearned_when_reshaped = True
 
     def __init__(self, code_dim: int, n_phones: int, hidden: int = 256) -> None:
         super().__init__()

@@ -163,6 +163,7 @@ class StageRunner:
         self.corpus = Corpus(cache, cfg.model, (keep["mel_mean"], keep["mel_std"]) if keep else None)
         self.models: dict[str, nn.Module] = {}
         self.optims: dict[str, torch.optim.Optimizer] = {}
+        self.loaded: set[str] = set()  # the models resume() reloaded from the checkpoint
         self.step = 0
 
     def add(self, name: str, model: nn.Module, train: bool = True) -> nn.Module:
@@ -171,10 +172,6 @@ class StageRunner:
         if train:
             self.optims[name] = torch.optim.Adam(model.parameters(), lr=self.cfg.train.learning_rate, betas=(0.5, 0.9))
         return model
-
-    def saved_models(self) -> dict:
-        """The checkpoint's model state dicts by name ({} when starting afresh)."""
-        return self.saved["models"] if self.saved is not None else {}
 
     def stats(self) -> dict:
         c = self.corpus
@@ -198,10 +195,17 @@ class StageRunner:
             raise CheckpointError(f"{self.path} was trained on voices {old}, the corpus has {new}; use --finetune to "
                                   f"continue on the new voice set, or --restart")
         for k, m in self.models.items():
-            if k in ck["models"] and not (old != new and getattr(m, "speaker_rows", False)):
-                m.load_state_dict(_speaker_rows(ck["models"][k], old, new) if old != new else ck["models"][k])
+            if k not in ck["models"] or (old != new and getattr(m, "speaker_rows", False)):
+                continue
+            state = _speaker_rows(ck["models"][k], old, new) if old != new else ck["models"][k]
+            mine = m.state_dict()
+            if getattr(m, "relearned_when_reshaped", False) and any(v.shape != mine[n].shape for n, v in state.items()):
+                continue  # e.g. a phone head for another phone set: relearned, not reloaded
+            m.load_state_dict(state)
+            self.loaded.add(k)
         for k, o in self.optims.items():
-            if k in ck["optims"] and old == new:  # Adam's moments have the table's old shape: start them afresh
+            # a model not reloaded starts its optimiser afresh too; Adam's moments have the table's old shape
+            if k in self.loaded and k in ck["optims"] and old == new:
                 o.load_state_dict(ck["optims"][k])
                 for group in o.param_groups:  # the saved state carries its learning rate: today's config wins
                     group["lr"] = self.cfg.train.learning_rate
@@ -311,7 +315,7 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
     phones, head = _phone_head(r, cfg) if cfg.train.phone_ctc and not parallel else (None, None)
     r.resume()
     warm_until = 0
-    if head is not None and "phone_head" not in r.saved_models():
+    if head is not None and "phone_head" not in r.loaded:
         warm_until = r.step + cfg.train.phone_warmup  # a fresh head learns on frozen codes before it steers them
     opt = r.optims["vqvae"]
     # the parallel mode runs the decoder alone (its own DDP wrapper below): nothing else is wrapped
@@ -373,11 +377,7 @@ def _phone_head(r: StageRunner, cfg: Config) -> tuple[PhoneTargets | None, Phone
         if r.d.main:
             print("train.phone_ctc: no training utterance has text; the phone loss is off for this corpus")
         return None, None
-    head = PhoneHead(cfg.vqvae.code_dim, len(phones.vocab))
-    saved = r.saved_models().get("phone_head")
-    if saved is not None and saved["net.2.weight"].shape[0] != len(phones.vocab) + 1:
-        del r.saved["models"]["phone_head"]  # another corpus's phone set: the head is relearned, not reloaded
-    return phones, r.add("phone_head", head)
+    return phones, r.add("phone_head", PhoneHead(cfg.vqvae.code_dim, len(phones.vocab)))
 
 
 def phone_loss(model: VQVAE, head: PhoneHead, batch: dict[str, torch.Tensor], augment: ContentAugment | None,

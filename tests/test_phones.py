@@ -85,3 +85,19 @@ def test_vqvae_with_phone_ctc_trains_resumes_and_exports_without_the_head(prepar
     train_student(cfg, cache, ck, steps=1, progress=False)
     export_voice_model(ck, tmp_path / "model.pt")
     assert not any("phone" in k for k in torch.load(tmp_path / "model.pt", weights_only=False)["vqvae"])
+
+
+@needs_espeak
+def test_a_changed_phone_set_relearns_the_head_from_a_fresh_warm_up(prepared, tmp_path):
+    """Another phone set (here: the same text in another language's phones) resumes the VQ-VAE and relearns the
+    head and its optimiser instead of loading weights and Adam moments of the old shape."""
+    cfg, cache = prepared
+    cfg = cfg.replace(**{"train.phone_ctc": 0.5, "train.phone_warmup": 1, "train.phone_utterances": 3})
+    ck = tmp_path / "ck"
+    p = train_vqvae(cfg, cache, ck, steps=2, progress=False)
+    rows = load_checkpoint(p, "vqvae")["models"]["phone_head"]["net.2.weight"].shape[0]
+    other = cfg.replace(**{"train.phone_language": "de"})
+    train_vqvae(other, cache, ck, steps=4, progress=False)
+    corpus = Corpus(cache, cfg.model)
+    want = len(PhoneTargets(corpus, (), "de").vocab) + 1
+    assert want != rows and load_checkpoint(p, "vqvae")["models"]["phone_head"]["net.2.weight"].shape[0] == want
