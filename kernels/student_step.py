@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from rtvc.envelope import voice_bar
 from rtvc.frontend import LF0_MEAN, LF0_STD
 
 from .envelope import _hash_noise, envelope_args, envelope_synth
@@ -47,9 +48,10 @@ def excitation(pitch, source, sub):  # pragma: no cover - numba
     return src
 
 
-def student_step(mel: np.ndarray, pitch: np.ndarray, synth: tuple, *net) -> np.ndarray:
+def student_step(mel: np.ndarray, pitch: np.ndarray, bar: tuple, synth: tuple, *net) -> np.ndarray:
     """mel [n_mels, N], pitch [2, N] (as the decoder got it) -> waveform [N * hop] (streaming; all histories,
-    the excitation's and the envelope synthesis' state updated in place). ``synth, *net``: :func:`student_args`."""
+    the excitation's and the envelope synthesis' state updated in place). ``bar, synth, *net``: :func:`student_args`."""
+    pitch = voice_bar(mel, pitch, *bar)  # as the torch module's synth.voiced: what synthesis and excitation sound
     return _student_net(mel, pitch, envelope_synth(mel, pitch, synth), *net)
 
 
@@ -104,6 +106,6 @@ def student_args(student, slot: int = 0) -> tuple:
     ex = student.source
     source = (ex._state.phase[slot:slot + 1].numpy(), ex._state.count[slot:slot + 1].numpy(), float(ex.rate), ex.hop,
               ex.harmonics, LF0_MEAN, LF0_STD)
-    return (envelope_args(student.synth, slot), source, conv(student.cond), (tuple(u[0] for u in ups), tuple(u[1] for u in ups), tuple(u[2] for u in ups), factors),
+    return (student.synth.bar, envelope_args(student.synth, slot), source, conv(student.cond), (tuple(u[0] for u in ups), tuple(u[1] for u in ups), tuple(u[2] for u in ups), factors),
             conv(student.first), (lw, lb, lp, dils, ks, rw, rb, sw), (*conv(student.head1), *conv(student.head2)),
             student.sub)

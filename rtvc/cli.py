@@ -126,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="bundle vqvae.pt + student.pt into one voice model file")
     ex.add_argument("--out", help="output file (default: <paths.checkpoint_dir>/model.pt)")
+    ex.add_argument("--setting", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a value the voice model file records instead of its checkpoints' (repeatable), e.g. "
+                         "student.voice_bar_hz=300 for a student trained before that setting existed")
     ex.add_argument("--teacher", metavar="OUT",
                     help="instead, write teacher.pt without its optimiser and discriminator (a third of the size): "
                          "what `rtvc eval --teacher` and distillation read")
@@ -326,7 +329,7 @@ def _cmd_export(cfg: Config, a: argparse.Namespace) -> int:
     if a.teacher:
         print(f"teacher: {export_teacher(ckpt, a.teacher)}")
         return 0
-    print(f"voice model: {export_voice_model(ckpt, a.out or ckpt / 'model.pt')}")
+    print(f"voice model: {export_voice_model(ckpt, a.out or ckpt / 'model.pt', a.setting)}")
     return 0
 
 

@@ -192,6 +192,8 @@ class StudentConfig:
     voiced_noise: float
     harmonic_below_hz: float
     noise_above_hz: float
+    voice_bar_hz: float
+    voice_bar_level: float
 
     def __post_init__(self) -> None:
         _check(self.layers >= 1 and self.stacks >= 1 and self.layers % self.stacks == 0,
@@ -202,6 +204,7 @@ class StudentConfig:
         _check(0.0 <= self.voiced_noise <= 1.0, "student.voiced_noise must be in 0..1")
         _check(0.0 <= self.harmonic_below_hz < self.noise_above_hz,
                "student.harmonic_below_hz must be >= 0 and below student.noise_above_hz")
+        _check(self.voice_bar_hz >= 0.0, "student.voice_bar_hz must be >= 0 (0 = off)")
 
 
 @dataclass(frozen=True)
@@ -451,7 +454,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 # Keys added after models were saved without them, whose default would change what such a model computes: the
 # value that rebuilds those models (section, key) -> value.
 BUILT_WITHOUT: dict[tuple[str, str], Any] = {("vqvae", "encoder_cepstra"): 0, ("model", "yin_octave_margin"): 0.0,
-                                              ("model", "yin_onset_range"): 0.0}
+                                              ("model", "yin_onset_range"): 0.0, ("student", "voice_bar_hz"): 0.0}
 
 
 def default_dict() -> dict[str, Any]:

@@ -51,6 +51,19 @@ class EnvelopeState:
     tail: torch.Tensor
 
 
+def voice_bar(mel, pitch, bands: int, level: float):
+    """pitch with the voicing of every frame whose ``bands`` lowest mel bands average above ``level`` set (the
+    held log-F0 it carries then sounds): the ``[student] voice_bar_*`` rule. mel [..., n_mels, N] normalised,
+    pitch [..., 2, N]; torch tensors or numpy arrays (the numba step's), returned new, the input untouched.
+    Arithmetic, not a masked assignment, so a CUDA graph can capture it."""
+    if bands == 0:
+        return pitch
+    bar = mel[..., :bands, :].mean(-2) > level
+    out = pitch.clone() if isinstance(pitch, torch.Tensor) else pitch.copy()
+    out[..., 1, :] = pitch[..., 1, :] + (1 - pitch[..., 1, :]) * bar
+    return out
+
+
 def hash_noise(n: torch.Tensor) -> torch.Tensor:
     """Uniform noise in [-1, 1) as a pure function of the sample counter ``n`` (int64, any shape): the same
     sequence offline and in any chunking, no generator state (a 32-bit integer mix; period 2^31 samples)."""
@@ -87,6 +100,8 @@ class EnvelopeSynth(StreamingModule):
         self.voiced_noise, self.h_lo, self.h_hi = scfg.voiced_noise, scfg.harmonic_below_hz, scfg.noise_above_hz
         fb = mel_filters(mcfg)
         centers = mel_centers(mcfg)
+        # the voice bar's bands: those centred below voice_bar_hz (6 of 80 below 300 Hz at the defaults)
+        self.bar = (int((centers < scfg.voice_bar_hz).sum()), scfg.voice_bar_level)
         self.grid = self.hop + 1                          # the rfft bins of a 2-hop noise block: 50 Hz apart at 24 kHz
         self.df = mcfg.sample_rate / (2 * self.hop)
         freqs = np.arange(self.grid) * self.df
@@ -115,6 +130,11 @@ class EnvelopeSynth(StreamingModule):
         return EnvelopeState(torch.zeros(batch, dtype=torch.float64, device=device),
                              torch.zeros(batch, dtype=torch.int64, device=device),
                              torch.zeros(batch, self.K, device=device), torch.zeros(batch, self.hop, device=device))
+
+    def voiced(self, mel: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
+        """The pitch [B, 2, N] this synthesis (and its vocoder's excitation) sounds for mel [B, n_mels, N]: the
+        tracker's, plus the voice bar's frames (:func:`voice_bar`)."""
+        return voice_bar(mel, pitch, *self.bar)
 
     def log_envelope(self, mel: torch.Tensor) -> torch.Tensor:
         """normalised mel [B, n_mels, N] -> log mean power per FFT bin (of the frontend's analysis) on the grid

@@ -373,7 +373,8 @@ def _load_teacher(path: str | Path, model):
 
 
 def _teacher_pipeline(model, teacher, x: np.ndarray, voice: str, source=None) -> np.ndarray:
-    """Offline: the same frontend / pitch mapping / VQ-VAE without state, vocoded by the non-causal teacher."""
+    """Offline: the same frontend / pitch mapping / VQ-VAE without state, vocoded by the non-causal teacher with
+    the voice model's voicing (its ``[student] voice_bar_*``: the two pipelines differ only in the vocoder)."""
     import torch
     from .voice import VoiceConverter
     vc = VoiceConverter(model, voice, fused=False, source=source)
@@ -381,4 +382,4 @@ def _teacher_pipeline(model, teacher, x: np.ndarray, voice: str, source=None) ->
     n = x.shape[0]
     with torch.no_grad():
         mel, pitch = vc._run(torch.from_numpy(np.pad(x, (0, (-n) % vc.hop)))[None], mel_only=True)
-        return teacher(mel, pitch)[0, 0].numpy()[:n]
+        return teacher(mel, vc.model.student.synth.voiced(mel, pitch))[0, 0].numpy()[:n]

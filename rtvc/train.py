@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError, ModelConfig
+from .config import Config, ConfigError, ModelConfig, parse_override
 from .data.dataset import Corpus, ParallelPairs, SegmentDataset
 from .augment import ContentAugment, RoomAugment
 from .frontend import PitchStats
@@ -548,8 +548,11 @@ TRAINERS = {"vqvae": train_vqvae, "teacher": train_teacher, "student": train_stu
 
 # ------------------------------------------------------------------------------------------------ export
 
-def export_voice_model(ckpt_dir: str | Path, out: str | Path) -> Path:
-    """Bundle vqvae.pt + student.pt (+ corpus statistics) into one small inference file for `paths.model`."""
+def export_voice_model(ckpt_dir: str | Path, out: str | Path, settings: Iterable[str] = ()) -> Path:
+    """Bundle vqvae.pt + student.pt (+ corpus statistics) into one small inference file for `paths.model`.
+    ``settings``: ``section.key=value`` the file records instead of its checkpoints' values (e.g.
+    ``student.voice_bar_hz=300`` for a student trained before that key existed); one that reshapes a network fails
+    when the weights are loaded."""
     ckpt_dir = Path(ckpt_dir)
     vq = load_checkpoint(ckpt_dir / "vqvae.pt", kind="vqvae")
     st = load_checkpoint(ckpt_dir / "student.pt", kind="student")
@@ -564,6 +567,7 @@ def export_voice_model(ckpt_dir: str | Path, out: str | Path) -> Path:
     cfg = cfg.replace(**{f"{sec}.{k}": v for sec in ("model", "vqvae") for k, v in vq_cfg.to_dict()[sec].items()})
     # ... and the VQ-VAE's own training recipe, so the file records how its encoder and decoder were trained
     cfg = cfg.replace(**{f"train.{k}": getattr(vq_cfg.train, k) for k in VQVAE_TRAIN_KEYS})
+    cfg = cfg.replace(**dict(parse_override(text) for text in settings))
     s = vq["stats"]
     model = VoiceModel(cfg, s["speakers"], {k: PitchStats(*v) for k, v in s["pitch"].items()}, PitchStats(*s["prior"]))
     model.vqvae.load_state_dict(vq["models"]["vqvae"])

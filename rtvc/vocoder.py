@@ -89,6 +89,7 @@ class Teacher(nn.Module):
 
     def forward(self, mel: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
         c = self.upsample_mel(mel)
+        pitch = self.synth.voiced(mel, pitch)
         dsp = self.synth(mel, pitch)                                                          # [B, 1, T]
         x, skips = self.first(torch.cat([self.source(pitch), fold(dsp, self.sub)], dim=1)), 0.0
         for layer in self.layers:
@@ -227,6 +228,7 @@ class Student(StreamingModule):
         c = F.leaky_relu(self.cond(mel), 0.2)
         for f, conv in zip(self.cfg.upsample_factors, self.ups):
             c = F.leaky_relu(conv(c.repeat_interleave(f, dim=2)), 0.2)
+        pitch = self.synth.voiced(mel, pitch)
         dsp = self.synth(mel, pitch)                                                          # [B, 1, T]
         x = self.first(torch.cat([c, self.source(pitch), fold(dsp, self.sub)], dim=1))
         skips = torch.zeros_like(x)

@@ -163,3 +163,36 @@ def test_envelope_synth_cpu_matches_torch(seed):
         got = envelope_synth(mel[0].numpy(), pitch[0].numpy(), args)
         assert np.abs(want).max() > 0.01
         np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_student_step_cpu_matches_torch_with_the_voice_bar(seed):
+    """kernels.student_step (numba network + envelope synthesis) == rtvc.vocoder.Student (torch streaming), chunk
+    by chunk, on fresh random mels whose low band voices some tracker-unvoiced frames ([student] voice_bar_*, which
+    both apply before synthesis and excitation); a trained-looking head, so the network's part is compared too."""
+    import numpy as np
+
+    from kernels.student_step import student_args, student_step
+    from rtvc.config import load_config
+    from rtvc.vocoder import Student
+    cfg = load_config()
+    torch.manual_seed(seed)
+    ref = Student(cfg.model, cfg.student).eval()
+    torch.nn.init.normal_(ref.head2.weight, std=0.1)
+    mine = Student(cfg.model, cfg.student).eval()
+    mine.load_state_dict(ref.state_dict())
+    for m in (ref, mine):
+        m.synth.mel_mean.fill_(-4.0)
+        m.start_streaming(1)
+    args = student_args(mine)
+    g, fired = torch.Generator().manual_seed(seed), 0
+    for n in (1, 3, 2, 5, 4):
+        mel = torch.randn(1, cfg.model.n_mels, n, generator=g)
+        pitch = torch.stack([0.5 * torch.randn(1, n, generator=g), (torch.rand(1, n, generator=g) > 0.5).float()], 1)
+        fired += int((ref.synth.voiced(mel, pitch) != pitch).sum())
+        with torch.no_grad():
+            want = ref(mel, pitch)[0, 0].numpy()
+        got = student_step(mel[0].numpy(), pitch[0].numpy(), *args)
+        assert np.abs(want).max() > 0.01
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert fired > 0

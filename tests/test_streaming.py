@@ -266,7 +266,7 @@ def test_teacher_is_driven_like_the_student():
     with torch.no_grad():
         y = teacher(mel, pitch)
         assert y.shape == (2, 1, n * hop)
-        assert torch.equal(y, teacher.synth(mel, pitch)) and torch.equal(y, student(mel, pitch))
+        assert torch.equal(y, teacher.synth(mel, teacher.synth.voiced(mel, pitch))) and torch.equal(y, student(mel, pitch))
         torch.nn.init.normal_(teacher.last[-1].weight, std=0.1)
         y = teacher(mel, pitch)
         later = pitch.clone()
@@ -307,6 +307,35 @@ def test_envelope_synthesis_reproduces_the_mel(kind):
     bands = diff.reshape(8, 10, -1).mean((1, 2))                  # 8 groups of 10 mel bands
     assert bands.abs().max() < 0.8, bands                          # within ~3.5 dB per band group
     assert diff.mean().abs() < 0.4, diff.mean()
+
+
+def test_voice_bar_voices_the_tracker_unvoiced_frames_with_a_low_band():
+    """[student] voice_bar_*: an unvoiced frame whose lowest bands (centred below 300 Hz: 6 of 80) average above the
+    level is voiced at the held log-F0; voiced frames and frames without the bar are untouched; torch == numpy (the
+    numba step's); off at 0 Hz. The vocoders sound it: the student's output changes exactly where the rule fires."""
+    from rtvc.envelope import voice_bar
+    n = 8
+    mel = torch.full((1, CFG.model.n_mels, n), -1.0)
+    mel[0, :6, [1, 2, 5]] = torch.tensor([0.5, -0.2, 0.1])[:, None].T  # bar above 0, below, above (a voiced frame)
+    mel[0, 6:, 3] = 3.0                                                # loud, but not in the bar's bands
+    pitch = torch.tensor([[[0.3] * n, [0, 0, 0, 0, 0, 1, 0, 0]]])
+    synth = Student(CFG.model, CFG.student).synth
+    assert synth.bar == (6, 0.0)
+    got = synth.voiced(mel, pitch)
+    assert got[0, 1].tolist() == [0, 1, 0, 0, 0, 1, 0, 0] and torch.equal(got[0, 0], pitch[0, 0])
+    assert pitch[0, 1, 1] == 0  # the input is not changed
+    np.testing.assert_array_equal(voice_bar(mel[0].numpy(), pitch[0].numpy(), *synth.bar), got[0].numpy())
+    assert voice_bar(mel, pitch, 0, 0.0) is pitch
+    off = CFG.replace(**{"student.voice_bar_hz": 0.0})
+    torch.manual_seed(1)
+    on_student = Student(CFG.model, CFG.student).eval()
+    off_student = Student(off.model, off.student).eval()
+    off_student.load_state_dict(on_student.state_dict())
+    torch.nn.init.normal_(on_student.head2.weight, std=0.1)  # the network's part too, not only the synthesis
+    off_student.head2.weight.data.copy_(on_student.head2.weight)
+    with torch.no_grad():
+        diff = (on_student(mel, pitch) - off_student(mel, pitch)).abs()[0, 0].reshape(n, -1).amax(1)
+    assert diff[0] == 0 and diff[1] > 1e-4  # the first frame the rule voices changes; nothing before it
 
 
 def scipy_lfilter(w: np.ndarray, rate: int) -> np.ndarray:

@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from rtvc.checkpoint import CheckpointError, load_checkpoint
+from rtvc.config import ConfigError
 from rtvc.data.dataset import Corpus, SegmentDataset
 from rtvc.data.prepare import CorpusError
 from rtvc.train import (SpeakerAdversary, export_teacher, export_voice_model, teardown_distributed,
@@ -43,6 +44,13 @@ def test_all_stages_train_resume_and_export(prepared, tmp_path):
     assert y.shape == (model.cfg.model.hop_length * 3,) and np.isfinite(y).all()
     export_voice_model(ck, tmp_path / "again.pt")
     assert (tmp_path / "again.pt").stat().st_size < 30e6
+    # a setting the file records instead of its checkpoints'; one that reshapes a network does not load
+    quiet = VoiceModel.load(export_voice_model(ck, tmp_path / "quiet.pt", ["student.voice_bar_hz=0"]))
+    assert quiet.cfg.student.voice_bar_hz == 0.0 and quiet.student.synth.bar == (0, 0.0)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        export_voice_model(ck, tmp_path / "wide.pt", ["student.residual_channels=12"])
+    with pytest.raises(ConfigError, match="voice_bar_hz"):
+        export_voice_model(ck, tmp_path / "bad.pt", ["student.voice_bar_hz=-1"])
     slim = load_checkpoint(export_teacher(ck, tmp_path / "teacher.pt"), "teacher")  # what eval and distillation read
     assert set(slim["models"]) == {"teacher"} and not slim["optims"] and slim["step"] == 3
     # another pitch tracker setting: resuming refuses (other inputs), --finetune continues from the weights
