@@ -34,9 +34,11 @@ from .voice import VoiceModel
 from .vqvae import VQVAE
 
 STAGES = ("vqvae", "teacher", "student")
-# [train] keys only the VQ-VAE stage reads (its augmentation and adversary)
+# [train] keys only the VQ-VAE stage reads (its augmentation, adversary and phone loss): an exported model records
+# them from vqvae.pt, not from student.pt (trained at other times, e.g. before the phone loss existed)
 VQVAE_TRAIN_KEYS = ("formant_warp", "spectral_eq_db", "reverb_prob", "reverb_rt60", "reverb_drr_db", "noise_prob",
-                    "noise_snr_db", "speaker_adversarial")
+                    "noise_snr_db", "speaker_adversarial", "phone_ctc", "phone_voices", "phone_language",
+                    "phone_utterances", "phone_warmup")
 
 
 @dataclass

@@ -242,13 +242,15 @@ def test_vqvae_with_speaker_adversary_trains_resumes_and_exports_without_it(prep
     second = load_checkpoint(p, "vqvae")["models"]["speaker_adversary"]
     w0, w1 = first["models"]["speaker_adversary"]["net.0.weight"], second["net.0.weight"]
     assert not torch.equal(w0, w1) and (w1 - w0).abs().max() < 3 * cfg.train.learning_rate  # resumed, one step on
-    plain = cfg.replace(**{"train.speaker_adversarial": 0.0, "train.reverb_prob": 0.0, "train.noise_prob": 0.0})
+    plain = cfg.replace(**{"train.speaker_adversarial": 0.0, "train.reverb_prob": 0.0, "train.noise_prob": 0.0,
+                           "train.phone_ctc": 0.0})
     train_student(plain, cache, ck, steps=1, progress=False)
     model = VoiceModel.load(export_voice_model(ck, tmp_path / "model.pt"))
     assert not any("adversary" in k for k in torch.load(tmp_path / "model.pt", weights_only=False)["vqvae"])
     assert model.speakers
     t = model.cfg.train
     assert (t.speaker_adversarial, t.reverb_prob, t.noise_prob) == (0.3, 0.5, 0.5)
+    assert t.phone_ctc == cfg.train.phone_ctc > 0  # the VQ-VAE's recipe, not the student's
     from rtvc.data.prepare import prepare_corpus
 
     from conftest import write_folder_corpus
