@@ -88,7 +88,8 @@ def _student_net(mel, pitch, dsp, source, cond, ups, first, layers, head, sub): 
 
 
 def student_args(student, slot: int = 0) -> tuple:
-    """Numba arguments bound to a streaming :class:`rtvc.vocoder.Student` (weights + views of slot ``slot``)."""
+    """Numba arguments bound to a streaming :class:`rtvc.vocoder.Student` (weights + views of slot ``slot``),
+    led by its voice bar's (bands, level)."""
     def conv(m):
         return m._w.numpy(), np.ascontiguousarray(m._b.numpy()[:, 0]), m._state.past[slot].numpy()
 
@@ -106,6 +107,7 @@ def student_args(student, slot: int = 0) -> tuple:
     ex = student.source
     source = (ex._state.phase[slot:slot + 1].numpy(), ex._state.count[slot:slot + 1].numpy(), float(ex.rate), ex.hop,
               ex.harmonics, LF0_MEAN, LF0_STD)
-    return (student.synth.bar, envelope_args(student.synth, slot), source, conv(student.cond), (tuple(u[0] for u in ups), tuple(u[1] for u in ups), tuple(u[2] for u in ups), factors),
+    return (student.synth.bar, envelope_args(student.synth, slot), source, conv(student.cond),
+            (tuple(u[0] for u in ups), tuple(u[1] for u in ups), tuple(u[2] for u in ups), factors),
             conv(student.first), (lw, lb, lp, dils, ks, rw, rb, sw), (*conv(student.head1), *conv(student.head2)),
             student.sub)
