@@ -385,9 +385,9 @@ def _phone_head(r: StageRunner, cfg: Config) -> tuple[PhoneTargets | None, Phone
 def phone_loss(model: VQVAE, head: PhoneHead, batch: dict[str, torch.Tensor], augment: ContentAugment | None,
                frozen: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | float]:
     """(CTC loss, the codes' commitment loss) of ``head`` on the codes of whole utterances (``batch`` from
-    :meth:`PhoneTargets.batch`), their mel augmented as the reconstruction's is. ``frozen``: the codes are detached (only the head learns). Runs the
-    unwrapped encoder: under DDP its gradient joins the wrapped forward's in the same backward (the autograd engine
-    sums a parameter's contributions before DDP's hook reduces them)."""
+    :meth:`PhoneTargets.batch`), their mel augmented as the reconstruction's is. ``frozen``: the codes are
+    detached (only the head learns). Runs the unwrapped encoder: under DDP its gradient joins the wrapped forward's
+    in the same backward (the autograd engine sums a parameter's contributions before DDP's hook reduces them)."""
     batch = {k: v.to(device) for k, v in batch.items()}
     mel = batch["mel"] if augment is None else augment(batch["mel"])
     q, _, commit, _ = model.vq(model.encoder(mel))
