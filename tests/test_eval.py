@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,7 +95,7 @@ def test_world_shift_keeps_the_contour():
 
 def test_testset_and_eval_report(tmp_path):
     from rtvc.data.synth import build_testset
-    from rtvc.evaluate import evaluate
+    from rtvc.evaluate import evaluate, load_testset
     from rtvc.voice import VoiceModel, make_voice_model
     man = build_testset(tmp_path / "ts", "esm", ["awb", "slt"], 2, {"The quick brown fox."}, progress=False)
     assert len(man["items"]) == 2 and all(set(it["refs"]) == {"awb", "slt"} for it in man["items"])
@@ -113,6 +117,20 @@ def test_testset_and_eval_report(tmp_path):
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["targets"] == ["awb", "slt"]
     assert "| dsp baseline | esm → slt |" in (tmp_path / "ev" / "eval.md").read_text()
     assert len(list((tmp_path / "ev" / "spectrograms").glob("*.png"))) == 2
+    # bench/code_agreement.py on the same model and test set: every pair of voices, shares in 0..1
+    out = tmp_path / "agree.json"
+    r = subprocess.run([sys.executable, "bench/code_agreement.py", "--model", str(tmp_path / "model.pt"), "--testset",
+                        str(tmp_path / "ts"), "--items", "1", "--out", str(out)], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    agree = json.loads(out.read_text())
+    assert set(agree["pairs"]) == {"esm-awb", "esm-slt", "awb-slt"} and all(0 <= v <= 1 for v in agree["pairs"].values())
+    spec = importlib.util.spec_from_file_location("code_agreement", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "code_agreement.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    c = bench.codes(model, load_testset(tmp_path / "ts")[2][0].source_wav)
+    assert bench.agreement(c, c) == 1.0  # a reading aligned with itself: every frame its own code
     # a teacher trained in another mel normalisation would vocode the decoder's mels at the wrong power
     _save_teacher(tmp_path / "other.pt", cfg, model.frontend.mel_mean + 1.0)
     with pytest.raises(ValueError, match="other mels than the voice model"):
