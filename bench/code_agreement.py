@@ -57,14 +57,15 @@ def main() -> None:
     args = ap.parse_args()
     model = VoiceModel.load(args.model)
     source, targets, items = load_testset(args.testset)
+    items = items[: args.items]
     voices = [source, *targets]
     per: dict[tuple[str, str], list[float]] = {pair: [] for pair in combinations(voices, 2)}
-    for it in items[: args.items]:
+    for it in items:
         c = {v: codes(model, it.source_wav if v == source else it.refs[v]) for v in voices}
         for a, b in per:  # both directions: each side's speech frames
             per[a, b].append(0.5 * (agreement(c[a], c[b]) + agreement(c[b], c[a])))
     mean = {pair: float(np.mean(v)) for pair, v in per.items()}
-    print(f"code agreement of aligned speech frames ({args.model}, {min(args.items, len(items))} sentences)")
+    print(f"code agreement of aligned speech frames ({args.model}, {len(items)} sentences)")
     print("       " + "".join(f"{v:>7s}" for v in voices))
     for a in voices:
         row = [mean.get((a, b), mean.get((b, a), np.nan)) if a != b else np.nan for b in voices]
@@ -74,7 +75,7 @@ def main() -> None:
     print(f"held-out source ({source}) with the targets: {src:.3f}; the targets with each other: {rest:.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "items": min(args.items, len(items)), "source": source,
+    out.write_text(json.dumps({"model": args.model, "items": len(items), "source": source,
                                "source_with_targets": src, "targets_with_each_other": rest,
                                "pairs": {f"{a}-{b}": v for (a, b), v in mean.items()}}, indent=1) + "\n")
     print(f"saved {out}")

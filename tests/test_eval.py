@@ -119,14 +119,14 @@ def test_testset_and_eval_report(tmp_path):
     assert len(list((tmp_path / "ev" / "spectrograms").glob("*.png"))) == 2
     # bench/code_agreement.py on the same model and test set: every pair of voices, shares in 0..1
     out = tmp_path / "agree.json"
+    root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "bench/code_agreement.py", "--model", str(tmp_path / "model.pt"), "--testset",
                         str(tmp_path / "ts"), "--items", "1", "--out", str(out)], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parents[1])
+                       cwd=root)
     assert r.returncode == 0, r.stderr
     agree = json.loads(out.read_text())
     assert set(agree["pairs"]) == {"esm-awb", "esm-slt", "awb-slt"} and all(0 <= v <= 1 for v in agree["pairs"].values())
-    spec = importlib.util.spec_from_file_location("code_agreement", Path(__file__).resolve().parents[1] / "bench" /
-                                                  "code_agreement.py")
+    spec = importlib.util.spec_from_file_location("code_agreement", root / "bench" / "code_agreement.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     c = bench.codes(model, load_testset(tmp_path / "ts")[2][0].source_wav)
