@@ -44,6 +44,18 @@ def test_a_missing_voice_names_its_debian_package(tmp_path, monkeypatch):
     assert not (tmp_path / "awb").exists()  # refused before synthesising anything
 
 
+def test_an_mbrola_voice_is_driven_by_espeak_ng(tmp_path, monkeypatch):
+    """MBROLA's databases need the mbrola binary and the voice's folder too, not only espeak-ng on PATH."""
+    from rtvc.data import synth
+    mbf = next(v for v in synth.VOICES if v.name == "mbf")
+    assert mbf.command("Hello.", tmp_path / "a.wav")[:3] == ["espeak-ng", "-v", "mb-us1"]
+    assert set(mbf.packages) == {"mbrola-us1", "mbrola", "espeak-ng"}
+    monkeypatch.setattr(synth.shutil, "which", lambda p: f"/usr/bin/{p}" if p == "espeak-ng" else None)
+    assert not mbf.installed  # espeak-ng alone cannot speak with it
+    with pytest.raises(RuntimeError, match=r"\['mbf'\] not installed.*espeak-ng mbrola mbrola-us1"):
+        synth_corpus(tmp_path, 1, ["mbf"], progress=False)
+
+
 @needs_tts
 def test_a_sentence_the_engine_cannot_say_is_left_out_of_a_corpus_not_a_testset(tmp_path, monkeypatch, capsys):
     """festival exits 0 on some errors and leaves an empty file (its Italian voices on a few sentences)."""

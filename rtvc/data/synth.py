@@ -30,7 +30,7 @@ from tqdm import tqdm
 @dataclass(frozen=True)
 class TTSVoice:
     name: str      # speaker folder name
-    engine: str    # "flite" | "festival" | "espeak-ng"
+    engine: str    # "flite" | "festival" | "espeak-ng" | "mbrola" (an MBROLA diphone voice, driven by espeak-ng)
     voice: str     # engine's voice id
     gender: str
     package: str   # the Debian package that provides it
@@ -38,19 +38,24 @@ class TTSVoice:
 
     @property
     def program(self) -> str:
-        return "text2wave" if self.engine == "festival" else self.engine
+        return {"festival": "text2wave", "mbrola": "espeak-ng"}.get(self.engine, self.engine)
 
     @property
     def packages(self) -> tuple[str, ...]:
-        """The Debian packages it needs: its own, and festival itself for a festival voice."""
-        return (self.package, "festival") if self.engine == "festival" else (self.package,)
+        """The Debian packages it needs: its own, and the engine that drives it (festival; espeak-ng and mbrola)."""
+        return {"festival": (self.package, "festival"),
+                "mbrola": (self.package, "mbrola", "espeak-ng")}.get(self.engine, (self.package,))
 
     @property
     def installed(self) -> bool:
-        """The engine is on PATH and, for festival, this voice's directory is installed."""
+        """The engine is on PATH and, for festival and MBROLA, this voice's files are installed."""
         if not shutil.which(self.program):
             return False
-        return self.engine != "festival" or any(Path("/usr/share/festival/voices").glob(f"*/{self.voice}"))
+        if self.engine == "festival":
+            return any(Path("/usr/share/festival/voices").glob(f"*/{self.voice}"))
+        if self.engine == "mbrola":  # espeak-ng's "mb-us1" reads /usr/share/mbrola/us1/us1
+            return shutil.which("mbrola") is not None and Path(f"/usr/share/mbrola/{self.voice[3:]}").is_dir()
+        return True
 
     def command(self, text: str, out: Path) -> list[str]:
         """The command line; festival's text2wave reads the text from stdin (``stdin``)."""
@@ -58,7 +63,7 @@ class TTSVoice:
             return ["flite", "-voice", self.voice, "-t", text, "-o", str(out)]
         if self.engine == "festival":
             return ["text2wave", "-eval", f"(voice_{self.voice})", "-o", str(out)]
-        return ["espeak-ng", "-v", self.voice, "-s", "150", "-w", str(out), text]
+        return ["espeak-ng", "-v", self.voice, "-s", "150", "-w", str(out), text]  # espeak-ng and mbrola
 
     def stdin(self, text: str) -> str | None:
         return text if self.engine == "festival" else None
@@ -89,6 +94,13 @@ VOICES = (
     TTSVoice("fim", "festival", "hy_fi_mv_diphone", "male", "festvox-suopuhe-mv", 16000),
     TTSVoice("rum", "festival", "msu_ru_nsh_clunits", "male", "festvox-ru"),
     TTSVoice("caf", "festival", "upc_ca_ona_hts", "female", "festvox-ca-ona-hts"),
+    # MBROLA's English diphone voices (real speakers' recordings, like kal; espeak-ng's English phones and
+    # prosody): Debian's contrib / non-free components, which `scripts/install_tts.sh --mbrola` enables.
+    # Licence: the MBROLA databases are free for non-commercial, non-military use.
+    TTSVoice("mbf", "mbrola", "mb-us1", "female", "mbrola-us1"),
+    TTSVoice("mbm", "mbrola", "mb-us2", "male", "mbrola-us2"),
+    TTSVoice("mbm2", "mbrola", "mb-us3", "male", "mbrola-us3"),
+    TTSVoice("mbm3", "mbrola", "mb-en1", "male", "mbrola-en1"),
 )
 
 _ADJ = ("quiet old small bright heavy yellow clever gentle silent broken golden narrow distant frozen wooden "
