@@ -6,7 +6,9 @@ male); four more espeak-ng accent/variant pairs widen the range of voices the co
 synthesis: the same engine, but other formant scales, pitch ranges and accents). Nine festival voices of other
 languages (Italian, Czech, Finnish, Russian, Catalan; mostly diphone voices recorded from real speakers) read the
 same English text with their own letter-to-sound rules: accented English from more real vocal tracts, for
-training the content encoder (a source voice it never saw sounds less foreign to it). Sentences come from a
+training the content encoder (a source voice it never saw sounds less foreign to it). MBROLA's four English
+diphone voices (us1 female, us2 / us3 US male, en1 British male; real speakers' diphones, read through espeak-ng's
+English phones and prosody) add more real vocal tracts reading English. Sentences come from a
 seeded generator (no corpus download), so every run can make as many unique sentences as it needs.
 Install the engines and voices with ``bash scripts/install_tts.sh``.
 """
