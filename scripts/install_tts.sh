@@ -16,7 +16,10 @@ $SUDO apt-get update -qq
 if ! apt-cache show mbrola-us1 >/dev/null 2>&1 && [[ -r /etc/os-release ]] && grep -q '^ID=debian' /etc/os-release; then
   codename=$(. /etc/os-release; echo "$VERSION_CODENAME")
   echo "install_tts.sh: enabling Debian contrib / non-free for MBROLA ($codename)"
-  echo "deb http://deb.debian.org/debian $codename contrib non-free" | $SUDO tee /etc/apt/sources.list.d/rtvc-mbrola.list >/dev/null
+  # apt refuses one source with two keyrings: sign ours as the release's own entry is (deb822 Signed-By, if any)
+  key=$(sed -n 's/^Signed-By: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
+  echo "deb ${key:+[signed-by=$key] }http://deb.debian.org/debian $codename contrib non-free" \
+    | $SUDO tee /etc/apt/sources.list.d/rtvc-mbrola.list >/dev/null
   $SUDO apt-get update -qq
 fi
 have=(); skipped=()
@@ -26,5 +29,6 @@ done
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${have[@]}" >/dev/null
 echo "installed: ${have[*]}"
 if [[ ${#skipped[@]} -gt 0 ]]; then
-  echo "install_tts.sh: not in your apt sources (the voices that need them are unavailable): ${skipped[*]}" >&2
+  echo "install_tts.sh: not in your apt sources: ${skipped[*]}; the voices that need them are unavailable (name" \
+       "the others with \`rtvc data synth --voices ...\`)" >&2
 fi

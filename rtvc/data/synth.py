@@ -97,7 +97,7 @@ VOICES = (
     TTSVoice("rum", "festival", "msu_ru_nsh_clunits", "male", "festvox-ru"),
     TTSVoice("caf", "festival", "upc_ca_ona_hts", "female", "festvox-ca-ona-hts"),
     # MBROLA's English diphone voices (real speakers' recordings, like kal; espeak-ng's English phones and
-    # prosody): Debian's contrib / non-free components, which `scripts/install_tts.sh --mbrola` enables.
+    # prosody): Debian's contrib / non-free components, which `scripts/install_tts.sh` enables on Debian.
     # Licence: the MBROLA databases are free for non-commercial, non-military use.
     TTSVoice("mbf", "mbrola", "mb-us1", "female", "mbrola-us1"),
     TTSVoice("mbm", "mbrola", "mb-us2", "male", "mbrola-us2"),
