@@ -253,6 +253,8 @@ class TrainConfig:
     noise_prob: float
     noise_snr_db: tuple[float, ...]
     speaker_adversarial: float
+    code_substitution: float
+    code_substitution_rank: int
     parallel_self_fraction: float
     phone_ctc: float
     phone_voices: tuple[str, ...]
@@ -268,6 +270,8 @@ class TrainConfig:
         _check(0 <= self.formant_warp < 0.5, "train.formant_warp must be in 0..0.5")
         _check(0 <= self.spectral_eq_db <= 24, "train.spectral_eq_db must be in 0..24 dB")
         _check(0 <= self.speaker_adversarial <= 10, "train.speaker_adversarial must be in 0..10")
+        _check(0 <= self.code_substitution < 1, "train.code_substitution must be in 0..1 (1 excluded)")
+        _check(self.code_substitution_rank >= 2, "train.code_substitution_rank must be >= 2 (1 is the nearest code)")
         _check(0 <= self.parallel_self_fraction < 1, "train.parallel_self_fraction must be in 0..1 (1 excluded)")
         _check(0 <= self.phone_ctc <= 10, "train.phone_ctc must be in 0..10")
         _check(self.phone_utterances >= 1 and self.phone_warmup >= 0,

@@ -37,8 +37,8 @@ STAGES = ("vqvae", "teacher", "student")
 # [train] keys only the VQ-VAE stage reads (its augmentation, adversary and phone loss): an exported model records
 # them from vqvae.pt, not from student.pt (trained at other times, e.g. before the phone loss existed)
 VQVAE_TRAIN_KEYS = ("formant_warp", "spectral_eq_db", "reverb_prob", "reverb_rt60", "reverb_drr_db", "noise_prob",
-                    "noise_snr_db", "speaker_adversarial", "phone_ctc", "phone_voices", "phone_language",
-                    "phone_utterances", "phone_warmup")
+                    "noise_snr_db", "speaker_adversarial", "code_substitution", "code_substitution_rank", "phone_ctc",
+                    "phone_voices", "phone_language", "phone_utterances", "phone_warmup")
 
 
 @dataclass
@@ -114,11 +114,14 @@ class SpeakerAdversary(nn.Module):
 
 
 def vqvae_loss(model: nn.Module, batch: dict[str, torch.Tensor], augment: ContentAugment | None = None,
-               adversary: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+               adversary: nn.Module | None = None, substitute: float = 0.0,
+               max_rank: int = 8) -> tuple[torch.Tensor, dict[str, float]]:
     """Reconstruction (L1 + L2 on normalised mel) + commitment; with ``augment``, the encoder sees an augmented
     copy of the mel it must reconstruct; with ``adversary`` (:class:`SpeakerAdversary`), + its cross-entropy
-    (reversed into the encoder). ``model`` may be DDP-wrapped."""
-    out = model(batch["mel"] if augment is None else augment(batch["mel"]), batch["speaker"], batch["pitch"])
+    (reversed into the encoder); ``substitute``, ``max_rank``: ``train.code_substitution`` (the decoder reads near
+    codes on that share of frames). ``model`` may be DDP-wrapped."""
+    out = model(batch["mel"] if augment is None else augment(batch["mel"]), batch["speaker"], batch["pitch"],
+                substitute, max_rank)
     l1 = F.l1_loss(out["mel"], batch["mel"])
     l2 = F.mse_loss(out["mel"], batch["mel"])
     loss = l1 + l2 + out["commit"]
@@ -328,7 +331,8 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
 
     def step(batch: dict) -> dict[str, float]:
         model.train()
-        loss, logs = vqvae_loss(net, batch, augment, adv_net)
+        loss, logs = vqvae_loss(net, batch, augment, adv_net, cfg.train.code_substitution,
+                                cfg.train.code_substitution_rank)
         if head is not None:
             rng = np.random.default_rng((cfg.train.seed, r.step, d.rank))
             ctc, commit = phone_loss(model, head, phones.batch("train", cfg.train.phone_utterances, rng), augment,

@@ -89,21 +89,47 @@ class VectorQuantizer(nn.Module):
         dist_ = torch.addmm((cb * cb).sum(1)[None, :], z, cb.t(), alpha=-2.0)
         return dist_.argmin(dim=1)
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z [B, D, T] -> (quantized [B, D, T] (straight-through), codes [B, T], commitment loss, perplexity)."""
+    def forward(self, z: torch.Tensor, substitute: float = 0.0,
+                max_rank: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z [B, D, T] -> (quantized [B, D, T] (straight-through), codes [B, T], commitment loss, perplexity).
+
+        ``substitute`` (training only): the share of frames whose quantized output is one of the 2nd..``max_rank``-th
+        nearest codes instead of the nearest (uniformly), so the decoder learns to render a neighbourhood of codes,
+        not only the exact sequence its own voice produces: an unseen speaker's frame lands on the code a training
+        voice would use for the same sound at rank 2-8 about a third of the time (session 18). The returned codes,
+        the commitment loss and the codebook's update keep the nearest code."""
         b, d, t = z.shape
         flat = z.transpose(1, 2).reshape(-1, d)
         codes = self.nearest(flat.detach())
         q = self.codebook[codes]
+        # the decoder's input, read before the EMA update below changes the codebook (as q is)
+        dec = self.codebook[self._neighbours(flat.detach(), codes, substitute, max_rank)] if (
+            self.training and substitute > 0) else q
         onehot = F.one_hot(codes, self.cfg.codebook_size).to(flat.dtype)
         probs = onehot.mean(0)
         perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
         commit = F.mse_loss(flat, q.detach()) * self.cfg.commitment
         if self.training:
             self._ema_update(flat.detach(), onehot)
-        if self.training:
-            q = flat + (q - flat).detach()  # straight-through estimator
+            dec = flat + (dec - flat).detach()  # straight-through estimator
+        q = dec
         return q.reshape(b, t, d).transpose(1, 2), codes.reshape(b, t), commit, perplexity
+
+    @torch.no_grad()
+    def _neighbours(self, flat: torch.Tensor, codes: torch.Tensor, share: float, max_rank: int) -> torch.Tensor:
+        """codes [N] with a random ``share`` of them replaced by a 2nd..``max_rank``-th nearest code of their frame."""
+        if share <= 0 or max_rank < 2:
+            return codes
+        swap = torch.nonzero(torch.rand(codes.shape[0], device=codes.device) < share).squeeze(1)
+        if swap.numel() == 0:
+            return codes
+        cb = self.codebook
+        dist_ = torch.addmm((cb * cb).sum(1)[None, :], flat[swap], cb.t(), alpha=-2.0)
+        near = dist_.topk(min(max_rank, cb.shape[0]), dim=1, largest=False).indices      # [n, max_rank], nearest first
+        pick = torch.randint(1, near.shape[1], (swap.numel(),), device=codes.device)
+        out = codes.clone()
+        out[swap] = near[torch.arange(swap.numel(), device=codes.device), pick]
+        return out
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, onehot: torch.Tensor) -> None:
@@ -170,10 +196,12 @@ class VQVAE(StreamingModule):
     def receptive_field(self) -> int:
         return self.encoder.receptive_field + self.decoder.receptive_field - 1
 
-    def forward(self, mel: torch.Tensor, speaker: torch.Tensor, pitch: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, mel: torch.Tensor, speaker: torch.Tensor, pitch: torch.Tensor, substitute: float = 0.0,
+                max_rank: int = 8) -> dict[str, torch.Tensor]:
         """mel [B, n_mels, T] (encoder input), speaker [B] (target ids), pitch [B, 2, T] -> dict with ``mel``
-        [B, n_mels, T] and the encoder's continuous output ``content`` [B, code_dim, T]."""
+        [B, n_mels, T] and the encoder's continuous output ``content`` [B, code_dim, T]. ``substitute``,
+        ``max_rank``: training's code substitution (:meth:`VectorQuantizer.forward`)."""
         z = self.encoder(mel)
-        q, codes, commit, ppl = self.vq(z)
+        q, codes, commit, ppl = self.vq(z, substitute, max_rank)
         out = self.decoder(q, self.speakers(speaker), pitch)
         return {"mel": out, "codes": codes, "commit": commit, "perplexity": ppl, "content": z}

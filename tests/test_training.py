@@ -208,6 +208,35 @@ def test_vqvae_overfits_one_batch(prepared):
     assert losses[-1] < 0.3 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
+def test_code_substitution_feeds_the_decoder_near_codes_only_in_training():
+    """On about the configured share of frames the decoder reads a 2nd..max_rank-th nearest code of that frame; the
+    codes, the commitment loss and the codebook update keep the nearest; eval mode never substitutes; the encoder
+    still gets the straight-through gradient."""
+    torch.manual_seed(0)
+    cfg = make_tiny_config(**{"vqvae.codebook_size": 32, "vqvae.code_dim": 8})
+    z = torch.randn(4, 8, 500, requires_grad=True)
+    plain, sub = VQVAE(cfg.model.n_mels, 2, cfg.vqvae).vq, VQVAE(cfg.model.n_mels, 2, cfg.vqvae).vq
+    sub.load_state_dict(plain.state_dict())
+    before = sub.codebook.clone()
+    q0, c0, commit0, _ = plain.train()(z)
+    q, c, commit, _ = sub.train()(z, substitute=0.3, max_rank=4)
+    torch.testing.assert_close(c, c0)
+    torch.testing.assert_close(commit, commit0)
+    torch.testing.assert_close(sub.codebook, plain.codebook)   # the same EMA update
+    flat = z.detach().transpose(1, 2).reshape(-1, 8)
+    near = torch.cdist(flat, before).argsort(1)[:, :4]                   # ranks 1..4 under the codebook it used
+    qf = q.detach().transpose(1, 2).reshape(-1, 8)
+    match = torch.isclose(qf[:, None, :], before[near], atol=1e-5).all(2)  # [N, 4]: the rank each frame read
+    assert match.any(1).all()
+    swapped = ~match[:, 0]
+    assert 0.25 < swapped.float().mean().item() < 0.35
+    q.sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))               # straight-through
+    sub.eval()
+    q_eval, _, _, _ = sub(z.detach(), substitute=0.3, max_rank=4)
+    torch.testing.assert_close(q_eval, sub.codebook[sub.nearest(flat)].reshape(4, 500, 8).transpose(1, 2))
+
+
 def test_speaker_adversary_reverses_its_gradient_into_the_encoder():
     """The classifier's own weights get the plain cross-entropy gradient; the content vectors get it negated and
     scaled by the weight (the encoder is pushed to make the voice unrecognisable)."""
