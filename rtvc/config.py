@@ -261,6 +261,8 @@ class TrainConfig:
     phone_language: str
     phone_utterances: int
     phone_warmup: int
+    phone_warmup_ctc: float
+    phone_warmup_restarts: int
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "segment_hops", "vocoder_segment_hops", "vqvae_steps", "teacher_steps",
@@ -276,6 +278,8 @@ class TrainConfig:
         _check(0 <= self.phone_ctc <= 10, "train.phone_ctc must be in 0..10")
         _check(self.phone_utterances >= 1 and self.phone_warmup >= 0,
                "train.phone_utterances must be >= 1 and train.phone_warmup >= 0")
+        _check(self.phone_warmup_ctc > 0 and self.phone_warmup_restarts >= 0,
+               "train.phone_warmup_ctc must be > 0 and train.phone_warmup_restarts >= 0")
         _check(bool(self.phone_language.strip()), "train.phone_language must name an espeak-ng voice (e.g. en-us)")
         _check(0 <= self.reverb_prob <= 1 and 0 <= self.noise_prob <= 1, "train.reverb_prob and noise_prob must be in 0..1")
         for key, lo, hi in (("reverb_rt60", 0.05, 3.0), ("reverb_drr_db", -20.0, 40.0), ("noise_snr_db", -10.0, 60.0)):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError, ModelConfig, parse_override
+from .config import Config, ConfigError, ModelConfig, TrainConfig, parse_override
 from .data.dataset import Corpus, ParallelPairs, SegmentDataset
 from .augment import ContentAugment, RoomAugment
 from .frontend import PitchStats
@@ -38,7 +38,8 @@ STAGES = ("vqvae", "teacher", "student")
 # them from vqvae.pt, not from student.pt (trained at other times, e.g. before the phone loss existed)
 VQVAE_TRAIN_KEYS = ("formant_warp", "spectral_eq_db", "reverb_prob", "reverb_rt60", "reverb_drr_db", "noise_prob",
                     "noise_snr_db", "speaker_adversarial", "code_substitution", "code_substitution_rank", "phone_ctc",
-                    "phone_voices", "phone_language", "phone_utterances", "phone_warmup")
+                    "phone_voices", "phone_language", "phone_utterances", "phone_warmup", "phone_warmup_ctc",
+                    "phone_warmup_restarts")
 
 
 @dataclass
@@ -319,9 +320,9 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
                  if w else None)
     phones, head = _phone_head(r, cfg) if cfg.train.phone_ctc and not parallel else (None, None)
     r.resume()
-    warm_until = 0
-    if head is not None and "phone_head" not in r.loaded:
-        warm_until = r.step + cfg.train.phone_warmup  # a fresh head learns on frozen codes before it steers them
+    # a fresh head learns on frozen codes before it steers them
+    warm = PhoneWarmup(head, r.optims.get("phone_head"), cfg.train, r.step, d) if (
+        head is not None and "phone_head" not in r.loaded) else None
     opt = r.optims["vqvae"]
     # the parallel mode runs the decoder alone (its own DDP wrapper below): nothing else is wrapped
     net = r.wrap(model) if not parallel else None
@@ -333,10 +334,11 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
         model.train()
         loss, logs = vqvae_loss(net, batch, augment, adv_net, cfg.train.code_substitution,
                                 cfg.train.code_substitution_rank)
+        frozen = warm is not None and warm.frozen(r.step)
         if head is not None:
             rng = np.random.default_rng((cfg.train.seed, r.step, d.rank))
             ctc, commit = phone_loss(model, head, phones.batch("train", cfg.train.phone_utterances, rng), augment,
-                                     frozen=r.step < warm_until, device=d.device)
+                                     frozen=frozen, device=d.device)
             loss = loss + cfg.train.phone_ctc * ctc + commit
             logs["phone_ctc"] = ctc.item()
         aux = [r.optims[k] for k in ("speaker_adversary", "phone_head") if k in r.optims]
@@ -350,6 +352,8 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
                     p.grad /= d.world
         for o in aux:
             o.step()
+        if frozen:
+            warm.record(r.step, logs["phone_ctc"])
         return logs
 
     def validate() -> dict[str, float]:
@@ -372,6 +376,64 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
         step = lambda batch: parallel_step(model, dec, opt, batch)
     r.loop(steps or cfg.train.vqvae_steps, cfg.train.segment_hops, False, step, validate, progress, batches)
     return r.path
+
+
+class PhoneWarmup:
+    """A fresh phone head's warm-up on frozen codes (``train.phone_warmup`` steps), and its guard.
+
+    Why the guard: a fresh CTC head can sit on its plateau. In session 17 (seed 1234 on 23 voices) its loss stayed
+    at ~6 per phone where a head that reads the codes is at ~2.5 by step 600, and once the warm-up ended, that head
+    steered the codes with noise (MCD +0.2-0.3 dB). So at the warm-up's end the head's mean loss over its last 100
+    steps must be under ``train.phone_warmup_ctc``. Otherwise the head restarts (fresh weights, fresh optimiser
+    state) for another warm-up, at most ``train.phone_warmup_restarts`` times; after that its codes stay frozen to
+    it (the stage trains on without the phone loss) and a message says so. Under DDP the decision uses the mean over
+    ranks and a restarted head is broadcast from rank 0, so every replica keeps the same head."""
+
+    def __init__(self, head: PhoneHead, opt: torch.optim.Optimizer, t: TrainConfig, step: int, d: Dist) -> None:
+        self.head, self.opt, self.t, self.d = head, opt, t, d
+        self.until, self.restarts, self.off = step + t.phone_warmup, 0, False
+        self.losses: list[float] = []
+
+    def frozen(self, step: int) -> bool:
+        """Whether the codes are detached from the head at ``step`` (the warm-up, or a head given up on)."""
+        return self.off or step < self.until
+
+    def record(self, step: int, ctc: float) -> None:
+        """The head's loss at ``step`` (0-based); at the warm-up's last step, check it."""
+        if self.off or step >= self.until:
+            return
+        self.losses.append(ctc)
+        if step + 1 < self.until:
+            return
+        tail = torch.tensor(float(np.mean(self.losses[-100:])))
+        if self.d.world > 1:
+            dist.all_reduce(tail)
+            tail /= self.d.world
+        self.losses = []
+        if tail.item() <= self.t.phone_warmup_ctc:
+            return
+        if self.restarts >= self.t.phone_warmup_restarts:
+            self.off = True
+            if self.d.main:
+                print(f"train.phone_ctc: the phone head did not learn to read the codes (CTC {tail.item():.2f} per "
+                      f"phone after {self.restarts + 1} warm-ups of {self.t.phone_warmup} steps, above "
+                      f"train.phone_warmup_ctc = {self.t.phone_warmup_ctc}); the stage goes on WITHOUT the phone "
+                      f"loss. Another seed (--set train.seed=N, now {self.t.seed}) or a longer "
+                      "train.phone_warmup may learn.", flush=True)
+            return
+        self.restarts += 1
+        for m in self.head.modules():
+            if m is not self.head and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        self.opt.state.clear()
+        if self.d.world > 1:
+            for p in self.head.parameters():
+                dist.broadcast(p.data, 0)
+        self.until = step + 1 + self.t.phone_warmup
+        if self.d.main:
+            print(f"train.phone_ctc: phone head stalled (CTC {tail.item():.2f} per phone after its warm-up, above "
+                  f"{self.t.phone_warmup_ctc}); restarted it for another {self.t.phone_warmup}-step warm-up "
+                  f"({self.restarts} of {self.t.phone_warmup_restarts})", flush=True)
 
 
 def _phone_head(r: StageRunner, cfg: Config) -> tuple[PhoneTargets | None, PhoneHead | None]:

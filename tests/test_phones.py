@@ -13,7 +13,7 @@ from rtvc.checkpoint import load_checkpoint
 from rtvc.data.dataset import Corpus
 from rtvc.data.prepare import CorpusError, prepare_corpus
 from rtvc.phones import PhoneHead, PhoneTargets, phonemize
-from rtvc.train import export_voice_model, phone_loss, train_student, train_vqvae
+from rtvc.train import Dist, PhoneWarmup, export_voice_model, phone_loss, train_student, train_vqvae
 from rtvc.vqvae import VQVAE
 
 from conftest import write_folder_corpus
@@ -73,7 +73,7 @@ def test_phone_loss_steers_the_encoder_only_after_the_warm_up(tiny_cfg):
 def test_vqvae_with_phone_ctc_trains_resumes_and_exports_without_the_head(prepared, tmp_path):
     cfg, cache = prepared
     cfg = cfg.replace(**{"train.phone_ctc": 0.5, "train.phone_warmup": 2, "train.phone_utterances": 3,
-                         "train.student_target": "audio"})
+                         "train.student_target": "audio", "train.phone_warmup_ctc": 1e6})  # no guard restart
     ck = tmp_path / "ck"
     p = train_vqvae(cfg, cache, ck, steps=3, progress=False)
     first = load_checkpoint(p, "vqvae")
@@ -92,7 +92,8 @@ def test_a_changed_phone_set_relearns_the_head_from_a_fresh_warm_up(prepared, tm
     """Another phone set (here: the same text in another language's phones) resumes the VQ-VAE and relearns the
     head and its optimiser instead of loading weights and Adam moments of the old shape."""
     cfg, cache = prepared
-    cfg = cfg.replace(**{"train.phone_ctc": 0.5, "train.phone_warmup": 1, "train.phone_utterances": 3})
+    cfg = cfg.replace(**{"train.phone_ctc": 0.5, "train.phone_warmup": 1, "train.phone_utterances": 3,
+                         "train.phone_warmup_ctc": 1e6})
     ck = tmp_path / "ck"
     p = train_vqvae(cfg, cache, ck, steps=2, progress=False)
     rows = load_checkpoint(p, "vqvae")["models"]["phone_head"]["net.2.weight"].shape[0]
@@ -101,3 +102,33 @@ def test_a_changed_phone_set_relearns_the_head_from_a_fresh_warm_up(prepared, tm
     corpus = Corpus(cache, cfg.model)
     want = len(PhoneTargets(corpus, (), "de").vocab) + 1
     assert want != rows and load_checkpoint(p, "vqvae")["models"]["phone_head"]["net.2.weight"].shape[0] == want
+
+
+def test_the_warm_up_guard_restarts_a_stalled_head_then_trains_on_without_it(tiny_cfg, capsys):
+    """At the warm-up's end a head whose loss is above train.phone_warmup_ctc gets fresh weights, a fresh optimiser
+    state and another warm-up; after train.phone_warmup_restarts of them the codes stay detached from it for good.
+    A head that learns ends its warm-up on time."""
+    t = tiny_cfg.replace(**{"train.phone_warmup": 3, "train.phone_warmup_ctc": 4.0,
+                            "train.phone_warmup_restarts": 1}).train
+    torch.manual_seed(0)
+    head = PhoneHead(8, 5)
+    opt = torch.optim.Adam(head.parameters())
+    head.net[0].weight.sum().backward()
+    opt.step()
+    w0 = head.net[0].weight.detach().clone()
+    warm = PhoneWarmup(head, opt, t, 10, Dist())
+    assert warm.frozen(10) and warm.frozen(12) and not warm.frozen(13)
+    for step in (10, 11, 12):
+        warm.record(step, 6.0)
+    assert not torch.equal(head.net[0].weight, w0) and not opt.state            # restarted
+    assert warm.frozen(13) and warm.frozen(15) and not warm.frozen(16)          # a second warm-up
+    assert "restarted it for another 3-step warm-up (1 of 1)" in capsys.readouterr().out
+    for step in (13, 14, 15):
+        warm.record(step, 5.0)
+    assert warm.frozen(16) and warm.frozen(10_000)                              # given up: no phone loss
+    out = capsys.readouterr().out
+    assert "WITHOUT the phone loss" in out and f"now {t.seed}" in out
+    ok = PhoneWarmup(head, opt, t, 0, Dist())
+    for step, loss in enumerate((3.9, 3.5, 3.0)):
+        ok.record(step, loss)
+    assert not ok.frozen(3) and "stalled" not in capsys.readouterr().out
