@@ -170,6 +170,7 @@ class StageRunner:
         self.models: dict[str, nn.Module] = {}
         self.optims: dict[str, torch.optim.Optimizer] = {}
         self.loaded: set[str] = set()  # the models resume() reloaded from the checkpoint
+        self.unsaved: set[str] = set()  # models left out of the checkpoint for now (a phone head still warming up)
         self.step = 0
 
     def add(self, name: str, model: nn.Module, train: bool = True) -> nn.Module:
@@ -221,8 +222,9 @@ class StageRunner:
         if not self.d.main:
             return
         save_checkpoint(self.path, {"kind": self.stage, "config": self.cfg.to_dict(), "step": self.step,
-                                    "stats": self.stats(), "models": {k: m.state_dict() for k, m in self.models.items()},
-                                    "optims": {k: o.state_dict() for k, o in self.optims.items()}})
+                                    "stats": self.stats(),
+                                    "models": {k: m.state_dict() for k, m in self.models.items() if k not in self.unsaved},
+                                    "optims": {k: o.state_dict() for k, o in self.optims.items() if k not in self.unsaved}})
 
     @property
     def per_rank(self) -> int:
@@ -354,6 +356,9 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
             o.step()
         if frozen:
             warm.record(r.step, logs["phone_ctc"])
+            # a head still warming up (or given up on) is not saved: a resume then starts a fresh warm-up rather than
+            # let a head that may not read the codes steer them at once
+            r.unsaved = {"phone_head"} if warm.frozen(r.step + 1) else set()
         return logs
 
     def validate() -> dict[str, float]:
@@ -386,7 +391,8 @@ class PhoneWarmup:
     steered the codes with noise (MCD +0.2-0.3 dB). So at the warm-up's end the head's mean loss over its last 100
     steps must be under ``train.phone_warmup_ctc``. Otherwise the head restarts (fresh weights, fresh optimiser
     state) for another warm-up, at most ``train.phone_warmup_restarts`` times; after that its codes stay frozen to
-    it (the stage trains on without the phone loss) and a message says so. Under DDP the decision uses the mean over
+    it (the stage trains on without the phone loss) and a message says so. A head still warming up (or given up
+    on) is left out of the checkpoint, so a resume warms up a fresh one. Under DDP the decision uses the mean over
     ranks and a restarted head is broadcast from rank 0, so every replica keeps the same head."""
 
     def __init__(self, head: PhoneHead, opt: torch.optim.Optimizer, t: TrainConfig, step: int, d: Dist) -> None:

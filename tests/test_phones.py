@@ -75,10 +75,12 @@ def test_vqvae_with_phone_ctc_trains_resumes_and_exports_without_the_head(prepar
     cfg = cfg.replace(**{"train.phone_ctc": 0.5, "train.phone_warmup": 2, "train.phone_utterances": 3,
                          "train.student_target": "audio", "train.phone_warmup_ctc": 1e6})  # no guard restart
     ck = tmp_path / "ck"
-    p = train_vqvae(cfg, cache, ck, steps=3, progress=False)
+    p = train_vqvae(cfg, cache, ck, steps=1, progress=False)
+    assert "phone_head" not in load_checkpoint(p, "vqvae")["models"]  # mid-warm-up: a resume warms up afresh
+    p = train_vqvae(cfg, cache, ck, steps=4, progress=False)
     first = load_checkpoint(p, "vqvae")
     assert "phone_head" in first["models"] and "phone_head" in first["optims"]
-    train_vqvae(cfg, cache, ck, steps=4, progress=False)
+    train_vqvae(cfg, cache, ck, steps=5, progress=False)
     w0 = first["models"]["phone_head"]["net.0.weight"]
     w1 = load_checkpoint(p, "vqvae")["models"]["phone_head"]["net.0.weight"]
     assert not torch.equal(w0, w1) and (w1 - w0).abs().max() < 3 * cfg.train.learning_rate  # resumed, one step on
