@@ -221,10 +221,10 @@ class StageRunner:
     def save(self) -> None:
         if not self.d.main:
             return
+        kept = [k for k in self.models if k not in self.unsaved]
         save_checkpoint(self.path, {"kind": self.stage, "config": self.cfg.to_dict(), "step": self.step,
-                                    "stats": self.stats(),
-                                    "models": {k: m.state_dict() for k, m in self.models.items() if k not in self.unsaved},
-                                    "optims": {k: o.state_dict() for k, o in self.optims.items() if k not in self.unsaved}})
+                                    "stats": self.stats(), "models": {k: self.models[k].state_dict() for k in kept},
+                                    "optims": {k: self.optims[k].state_dict() for k in kept if k in self.optims}})
 
     @property
     def per_rank(self) -> int:
