@@ -96,8 +96,8 @@ class VectorQuantizer(nn.Module):
         ``substitute`` (training only): the share of frames whose quantized output is one of the 2nd..``max_rank``-th
         nearest codes instead of the nearest (uniformly), so the decoder learns to render a neighbourhood of codes,
         not only the exact sequence its own voice produces: an unseen speaker's frame lands on the code a training
-        voice would use for the same sound at rank 2-8 on 40% of frames. Model card, session 18: at 0.4, MCD
-        -0.07 dB and similarity +0.008 on 8 x 5, one run; off by default until confirmed. The returned codes, the
+        voice would use for the same sound at rank 2-8 on 40% of frames. Model card, session 18: at 0.2 / 0.4 /
+        0.6, MCD +0.03 / -0.07 / +0.02 dB on 8 x 5, one run each: no reliable gain, so off by default. The returned codes, the
         commitment loss and the codebook's update keep the nearest code."""
         b, d, t = z.shape
         flat = z.transpose(1, 2).reshape(-1, d)
