@@ -83,11 +83,14 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_count", torch.ones(k))
         self.register_buffer("ema_sum", self.codebook.clone())
 
-    def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """z [N, D] -> code indices [N] (squared L2 distance; ||z||^2 is constant per row and dropped)."""
+    def _distances(self, z: torch.Tensor) -> torch.Tensor:
+        """z [N, D] -> squared L2 distance to every code [N, K], less ||z||^2 (constant per row, so dropped)."""
         cb = self.codebook
-        dist_ = torch.addmm((cb * cb).sum(1)[None, :], z, cb.t(), alpha=-2.0)
-        return dist_.argmin(dim=1)
+        return torch.addmm((cb * cb).sum(1)[None, :], z, cb.t(), alpha=-2.0)
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """z [N, D] -> code indices [N]."""
+        return self._distances(z).argmin(dim=1)
 
     def forward(self, z: torch.Tensor, substitute: float = 0.0,
                 max_rank: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,8 +100,8 @@ class VectorQuantizer(nn.Module):
         nearest codes instead of the nearest (uniformly), so the decoder learns to render a neighbourhood of codes,
         not only the exact sequence its own voice produces: an unseen speaker's frame lands on the code a training
         voice would use for the same sound at rank 2-8 on 40% of frames. Model card, session 18: at 0.2 / 0.4 /
-        0.6, MCD +0.03 / -0.07 / +0.02 dB on 8 x 5, one run each: no reliable gain, so off by default. The returned codes, the
-        commitment loss and the codebook's update keep the nearest code."""
+        0.6, MCD +0.03 / -0.07 / +0.02 dB on 8 x 5, one run each: no reliable gain, so off by default. The
+        returned codes, the commitment loss and the codebook's update keep the nearest code."""
         b, d, t = z.shape
         flat = z.transpose(1, 2).reshape(-1, d)
         codes = self.nearest(flat.detach())
@@ -113,8 +116,7 @@ class VectorQuantizer(nn.Module):
         if self.training:
             self._ema_update(flat.detach(), onehot)
             dec = flat + (dec - flat).detach()  # straight-through estimator
-        q = dec
-        return q.reshape(b, t, d).transpose(1, 2), codes.reshape(b, t), commit, perplexity
+        return dec.reshape(b, t, d).transpose(1, 2), codes.reshape(b, t), commit, perplexity
 
     @torch.no_grad()
     def _neighbours(self, flat: torch.Tensor, codes: torch.Tensor, share: float, max_rank: int) -> torch.Tensor:
@@ -124,9 +126,8 @@ class VectorQuantizer(nn.Module):
         swap = torch.nonzero(torch.rand(codes.shape[0], device=codes.device) < share).squeeze(1)
         if swap.numel() == 0:
             return codes
-        cb = self.codebook
-        dist_ = torch.addmm((cb * cb).sum(1)[None, :], flat[swap], cb.t(), alpha=-2.0)
-        near = dist_.topk(min(max_rank, cb.shape[0]), dim=1, largest=False).indices      # [n, max_rank], nearest first
+        dist_ = self._distances(flat[swap])
+        near = dist_.topk(min(max_rank, dist_.shape[1]), dim=1, largest=False).indices  # [n, max_rank], nearest first
         pick = torch.randint(1, near.shape[1], (swap.numel(),), device=codes.device)
         out = codes.clone()
         out[swap] = near[torch.arange(swap.numel(), device=codes.device), pick]
