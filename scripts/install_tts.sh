@@ -2,7 +2,7 @@
 # Offline TTS engines and voices `rtvc data synth` uses (Debian/Ubuntu): flite (awb, rms, slt, kal16), espeak-ng,
 # festival with festvox-kdlpc16k (ked) and nine other languages' festival voices (accented English training voices:
 # itf itm czf czm czm2 fif fim rum caf), and MBROLA's four English diphone voices (mbf mbm mbm2 mbm3, driven by
-# espeak-ng). The package list comes from rtvc itself (rtvc.data.synth.debian_packages): install rtvc first
+# espeak-ng), RHVoice's English voices (bdl clb evg lyu), SVOX Pico (pcf pcf2) and festival's rab. The package list comes from rtvc itself (rtvc.data.synth.debian_packages): install rtvc first
 # (scripts/setup.sh).
 # MBROLA's voices live in Debian's contrib / non-free components (Ubuntu: multiverse). On Debian, where apt does
 # not know them, this script adds those components for the release in /etc/apt/sources.list.d/rtvc-mbrola.list;

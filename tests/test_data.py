@@ -56,6 +56,23 @@ def test_an_mbrola_voice_is_driven_by_espeak_ng(tmp_path, monkeypatch):
         synth_corpus(tmp_path, 1, ["mbf"], progress=False)
 
 
+def test_rhvoice_and_pico_voices_are_driven_by_their_own_programs(tmp_path, monkeypatch):
+    """RHVoice-test reads the text from stdin; pico2wave takes it as an argument; an RHVoice voice also needs
+    its voice folder, not only the program."""
+    from rtvc.data import synth
+    bdl = next(v for v in synth.VOICES if v.name == "bdl")
+    pcf = next(v for v in synth.VOICES if v.name == "pcf")
+    assert bdl.command("Hello.", tmp_path / "a.wav") == ["RHVoice-test", "-p", "bdl", "-o", str(tmp_path / "a.wav")]
+    assert bdl.stdin("Hello.") == "Hello." and bdl.rate == 16000  # RHVoice writes 24 kHz: kept at 16 like the rest
+    assert pcf.command("Hello.", tmp_path / "b.wav") == ["pico2wave", "-l", "en-US", "-w", str(tmp_path / "b.wav"),
+                                                         "Hello."]
+    assert pcf.stdin("Hello.") is None
+    assert set(bdl.packages) == {"rhvoice", "rhvoice-english"}
+    monkeypatch.setattr(synth.shutil, "which", lambda p: f"/usr/bin/{p}")
+    monkeypatch.setattr(synth.Path, "is_dir", lambda p: False)
+    assert not bdl.installed and pcf.installed
+
+
 @needs_tts
 def test_a_sentence_the_engine_cannot_say_is_left_out_of_a_corpus_not_a_testset(tmp_path, monkeypatch, capsys):
     """festival exits 0 on some errors and leaves an empty file (its Italian voices on a few sentences)."""

@@ -8,7 +8,8 @@ languages (Italian, Czech, Finnish, Russian, Catalan; mostly diphone voices reco
 same English text with their own letter-to-sound rules: accented English from more real vocal tracts, for
 training the content encoder (a source voice it never saw sounds less foreign to it). MBROLA's four English
 diphone voices (us1 female, us2 / us3 US male, en1 British male; real speakers' diphones, read through espeak-ng's
-English phones and prosody) add more real vocal tracts reading English. Sentences come from a
+English phones and prosody) add more real vocal tracts reading English, as do RHVoice's HTS voices (CMU ARCTIC's
+bdl and clb, two Russian speakers' English), SVOX Pico's two English women and festival's rab. Sentences come from a
 seeded generator (no corpus download), so every run can make as many unique sentences as it needs.
 Install the engines and voices with ``bash scripts/install_tts.sh``.
 """
@@ -33,6 +34,7 @@ from tqdm import tqdm
 class TTSVoice:
     name: str      # speaker folder name
     engine: str    # "flite" | "festival" | "espeak-ng" | "mbrola" (an MBROLA diphone voice, driven by espeak-ng)
+    #                | "rhvoice" (RHVoice-test) | "pico" (SVOX Pico's pico2wave; ``voice`` is its language)
     voice: str     # engine's voice id
     gender: str
     package: str   # the Debian package that provides it
@@ -40,13 +42,15 @@ class TTSVoice:
 
     @property
     def program(self) -> str:
-        return {"festival": "text2wave", "mbrola": "espeak-ng"}.get(self.engine, self.engine)
+        return {"festival": "text2wave", "mbrola": "espeak-ng", "rhvoice": "RHVoice-test",
+                "pico": "pico2wave"}.get(self.engine, self.engine)
 
     @property
     def packages(self) -> tuple[str, ...]:
         """The Debian packages it needs: its own, and the engine that drives it (festival; espeak-ng and mbrola)."""
         return {"festival": (self.package, "festival"),
-                "mbrola": (self.package, "mbrola", "espeak-ng")}.get(self.engine, (self.package,))
+                "mbrola": (self.package, "mbrola", "espeak-ng"),
+                "rhvoice": (self.package, "rhvoice")}.get(self.engine, (self.package,))
 
     @property
     def installed(self) -> bool:
@@ -57,6 +61,8 @@ class TTSVoice:
             return any(Path("/usr/share/festival/voices").glob(f"*/{self.voice}"))
         if self.engine == "mbrola":  # espeak-ng's "mb-us1" reads /usr/share/mbrola/us1/us1
             return shutil.which("mbrola") is not None and Path(f"/usr/share/mbrola/{self.voice[3:]}").is_dir()
+        if self.engine == "rhvoice":
+            return Path(f"/usr/share/RHVoice/voices/{self.voice}").is_dir()
         return True
 
     def command(self, text: str, out: Path) -> list[str]:
@@ -65,10 +71,14 @@ class TTSVoice:
             return ["flite", "-voice", self.voice, "-t", text, "-o", str(out)]
         if self.engine == "festival":
             return ["text2wave", "-eval", f"(voice_{self.voice})", "-o", str(out)]
+        if self.engine == "rhvoice":
+            return ["RHVoice-test", "-p", self.voice, "-o", str(out)]
+        if self.engine == "pico":
+            return ["pico2wave", "-l", self.voice, "-w", str(out), text]
         return ["espeak-ng", "-v", self.voice, "-s", "150", "-w", str(out), text]  # espeak-ng and mbrola
 
     def stdin(self, text: str) -> str | None:
-        return text if self.engine == "festival" else None
+        return text if self.engine in ("festival", "rhvoice") else None
 
 
 VOICES = (
@@ -103,6 +113,17 @@ VOICES = (
     TTSVoice("mbm", "mbrola", "mb-us2", "male", "mbrola-us2"),
     TTSVoice("mbm2", "mbrola", "mb-us3", "male", "mbrola-us3"),
     TTSVoice("mbm3", "mbrola", "mb-en1", "male", "mbrola-en1"),
+    # Statistical-parametric (HTS) voices of other real speakers: RHVoice's CMU ARCTIC bdl (US male) and clb (US
+    # female) and its two Russian speakers' English voices; SVOX Pico's US and British English women; festival's
+    # rab (British male LPC diphone). Written at 16 kHz like the rest. Left out as duplicates of voices above:
+    # RHVoice's alan (Alan W Black: flite's awb) and slt.
+    TTSVoice("bdl", "rhvoice", "bdl", "male", "rhvoice-english", 16000),
+    TTSVoice("clb", "rhvoice", "clb", "female", "rhvoice-english", 16000),
+    TTSVoice("evg", "rhvoice", "evgeniy-eng", "male", "rhvoice-english", 16000),
+    TTSVoice("lyu", "rhvoice", "lyubov", "female", "rhvoice-english", 16000),
+    TTSVoice("pcf", "pico", "en-US", "female", "libttspico-utils"),
+    TTSVoice("pcf2", "pico", "en-GB", "female", "libttspico-utils"),
+    TTSVoice("rab", "festival", "rab_diphone", "male", "festvox-rablpc16k"),
 )
 
 _ADJ = ("quiet old small bright heavy yellow clever gentle silent broken golden narrow distant frozen wooden "
