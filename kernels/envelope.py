@@ -16,7 +16,7 @@ from numba import njit
 from rtvc.envelope import FLOOR_MIN, FLOOR_SUBTRACT
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _hash_noise(n):  # pragma: no cover - numba
     x = ((n % 2147483648) * 2654435761) % 4294967296  # the same integer mix as rtvc.envelope.hash_noise
     x = ((x ^ (x >> 16)) * 73244475) % 4294967296
@@ -24,7 +24,7 @@ def _hash_noise(n):  # pragma: no cover - numba
     return np.float64(x) * (2.0 / 4294967296.0) - 1.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _harmonics(env, pitch, amp_prev, phase, share, rate, hop, df, w2, lf0_mean, lf0_std):  # pragma: no cover
     """Harmonic part for one stream: env [G, N] log envelope -> [N * hop] float32 and voicing [N];
     ``amp_prev`` [K] and ``phase`` [1] advance in place."""
@@ -67,7 +67,7 @@ def _harmonics(env, pitch, amp_prev, phase, share, rate, hop, df, w2, lf0_mean, 
     return out, voiced_out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _noise(c0, length, seed):  # pragma: no cover - numba
     u = np.empty(length, np.float32)
     for s in range(length):

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _conv(x, past, w, b, k, d, cols):  # pragma: no cover - numba
     """y = W @ [x(t-(K-1)d), .., x(t-d), x(t)] + b for one frame; shifts x into ``past``."""
     c = x.shape[0]
@@ -36,12 +36,12 @@ def _conv(x, past, w, b, k, d, cols):  # pragma: no cover - numba
     return y
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _leaky(x):  # pragma: no cover - numba
     return np.where(x > 0, x, np.float32(0.2) * x).astype(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _stack(x, ws, bs, pasts, ks, ds, bias, cols):  # pragma: no cover - numba
     n = len(ws)
     h = _conv(x, pasts[0], ws[0], bs[0], ks[0], ds[0], cols) + bias[0]
@@ -50,7 +50,7 @@ def _stack(x, ws, bs, pasts, ks, ds, bias, cols):  # pragma: no cover - numba
     return _conv(_leaky(h), pasts[n - 1], ws[n - 1], bs[n - 1], ks[n - 1], ds[n - 1], cols)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def frame_convert(mel, pitch, enc, codebook, cb_norm, dec, out):  # pragma: no cover - numba
     """mel [n_mels, T], pitch [2, T] -> decoder mel ``out`` [n_mels, T], frame by frame (streaming)."""
     ews, ebs, eps, eks, eds, ebias, ecols = enc

@@ -35,7 +35,7 @@ def reference(x, c, past, w, b, wr, br, ws, skips, dilation):
     return x + torch.matmul(wr, g) + br[:, None], full[:, :, full.shape[2] - past.shape[2]:], skips + torch.matmul(ws, g)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def causal_conv_cpu(x, past, w, b, k, d, extra):  # pragma: no cover - numba
     """Causal conv over T frames of one stream: x [C, T] -> W @ [dilated taps of (past ++ x); extra] + b,
     [C_out, T]; shifts x into ``past`` [C, (K-1)*d]. ``extra`` [E, T] rows may be empty."""
@@ -65,7 +65,7 @@ def causal_conv_cpu(x, past, w, b, k, d, extra):  # pragma: no cover - numba
     return y
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def layer_cpu(x, c, past, w, b, wr, br, ws, skips, k, d):  # pragma: no cover - numba
     """One stream: x [C, T], c [A, T], past [C, P] (updated), skips [C, T] (updated) -> new x [C, T]."""
     ch, t_len = x.shape

@@ -18,12 +18,12 @@ from .student_layer import causal_conv_cpu as _conv
 from .student_layer import layer_cpu
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _leaky(x):  # pragma: no cover - numba
     return np.where(x > 0, x, np.float32(0.2) * x).astype(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def excitation(pitch, source, sub):  # pragma: no cover - numba
     """``rtvc.vocoder.Excitation`` for one stream: pitch [2, N] -> folded source [(H+1)*sub, N*hop/sub]; the
     phase and counter views in ``source`` advance in place."""
@@ -55,7 +55,7 @@ def student_step(mel: np.ndarray, pitch: np.ndarray, bar: tuple, synth: tuple, *
     return _student_net(mel, pitch, envelope_synth(mel, pitch, synth), *net)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _student_net(mel, pitch, dsp, source, cond, ups, first, layers, head, sub):  # pragma: no cover - numba
     """The network on top of the envelope synthesis ``dsp`` [N * hop]: its output plus ``dsp``."""
     src = excitation(pitch, source, sub)

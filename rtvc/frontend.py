@@ -100,7 +100,7 @@ TRACK = 6  # tracker state entries (see new_track)
 # (50 ms; or a calibration), which then follows the last ~RANGE_FRAMES voiced frames (5 s of voicing)
 ONSET_RANGE_AFTER, RANGE_FRAMES = 5.0, 500.0
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _shorter(d, g, tau_min, tau_max, loose, margin):  # pragma: no cover
     """Octave check of a period candidate ``g`` on the normalised difference ``d``: the dip near g/2 (twice, for
     g/4) if it is below ``loose`` and less than ``margin`` above d[g]. Why: a rough voice's dip at twice its period
@@ -122,7 +122,7 @@ def _shorter(d, g, tau_min, tau_max, loose, margin):  # pragma: no cover
     return g
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _yin(frames, sr, fmin, fmax, threshold, loose, max_jump, hold, confirm, release, octave, onset_range, dec,
          track, f0, voiced):  # pragma: no cover
     n, w = frames.shape

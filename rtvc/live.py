@@ -18,7 +18,7 @@ import numpy as np
 from .config import Config
 from .converter import Converter, DelayConverter
 from .devices import AudioUnavailable, import_sounddevice, resolve_device
-from .engine import EngineStats, StreamEngine
+from .engine import EngineStats, StreamEngine, settle_heap
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,7 @@ class LiveSession:
         for _ in range(3):
             self.engine.converter.convert(np.zeros(self.engine.hop, np.float32))
         self.engine.converter.reset()
+        settle_heap()
         latency = self.cfg.audio.device_latency
         self._stream = self.sd.Stream(
             device=(self.in_dev, self.out_dev), samplerate=self.rate, blocksize=self.block, dtype="float32",

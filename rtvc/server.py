@@ -30,7 +30,7 @@ from websockets.http11 import Request, Response
 from . import protocol as P
 from .batch import BatchedVoice, NoFreeSlot, SlotPool
 from .config import Config
-from .engine import StreamEngine
+from .engine import StreamEngine, settle_heap
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
@@ -322,6 +322,7 @@ class Server:
         self._loop = asyncio.get_running_loop()
         if hasattr(self.runner, "warmup"):
             self.runner.warmup()
+        settle_heap()
         self._worker.start()
         frame_bytes = P.HEADER.size + c.max_frame_samples * 4
         stop = self._loop.create_future()
