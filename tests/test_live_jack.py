@@ -60,14 +60,20 @@ def _signal(n: int, seed: int = 0) -> np.ndarray:
     return (0.3 * x * env).astype(np.float32)
 
 
-def _duplex(cmd: list[str], seconds: float) -> tuple[np.ndarray, np.ndarray, str, int]:
+def _duplex(cmd: list[str], seconds: float) -> tuple[np.ndarray, np.ndarray, str, int, int]:
     """Run ``cmd`` (a JACK client through PortAudio) while a JACK client of the test feeds its input port with a
-    known signal and records its output port. Returns (sent, recorded, log, returncode)."""
+    known signal and records its output port. Returns (sent, recorded, log, returncode, JACK xruns).
+
+    The xruns are the JACK server's own (the graph ran late: with --no-realtime on a loaded 2-core VM it does),
+    counted by the test's client, which is active before the program starts and after it ends, so it sees every
+    xrun the program's stream could have seen. PortAudio reports each one to the program as an output
+    underflow, and rtvc can lose at most a block to it (the engine then drops what it delayed)."""
     import jack
 
     sig = _signal(int(RATE * (seconds + 4)))
     rec = np.zeros_like(sig)
     pos = np.zeros(1, np.int64)
+    state = np.zeros(2, np.int64)  # [feeding (0/1), xruns]
     feeder = jack.Client("rtvc-test-feeder", no_start_server=True)
     out_port = feeder.outports.register("out")
     in_port = feeder.inports.register("in")
@@ -75,12 +81,16 @@ def _duplex(cmd: list[str], seconds: float) -> tuple[np.ndarray, np.ndarray, str
     @feeder.set_process_callback
     def process(frames: int) -> None:
         p = int(pos[0])
-        if p + frames <= sig.shape[0]:
+        if state[0] and p + frames <= sig.shape[0]:
             out_port.get_array()[:] = sig[p: p + frames]
             rec[p: p + frames] = in_port.get_array()
+            pos[0] = p + frames
         else:
             out_port.get_array().fill(0.0)
-        pos[0] = p + frames
+
+    @feeder.set_xrun_callback
+    def xrun(delayed_usecs: float) -> None:
+        state[1] += 1
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -97,7 +107,7 @@ def _duplex(cmd: list[str], seconds: float) -> tuple[np.ndarray, np.ndarray, str
             time.sleep(0.05)
         assert rt_in and rt_out, f"no JACK ports appeared: {proc.communicate(timeout=20)[0].decode()}"
         feeder.activate()
-        start = int(pos[0])
+        state[0] = 1
         feeder.connect(out_port, rt_in)
         feeder.connect(rt_out, in_port)
         log = proc.communicate(timeout=seconds + 30)[0].decode(errors="replace")
@@ -107,7 +117,17 @@ def _duplex(cmd: list[str], seconds: float) -> tuple[np.ndarray, np.ndarray, str
         feeder.deactivate()
         feeder.close()
     end = int(pos[0])
-    return sig[start:end], rec[start:end], log, proc.returncode
+    return sig[:end], rec[:end], log, proc.returncode, int(state[1])
+
+
+def _xruns_allowed(xruns: int, seconds: float, log: str) -> int:
+    """JACK server xruns are the VM's scheduling, not rtvc: tolerated up to 1% of the periods (a few per run
+    were measured on the loaded CI VM: 3 and 5 flags in one run). Beyond that the run cannot tell rtvc's
+    underruns from the machine's, and says so."""
+    periods = seconds * RATE / PERIOD
+    assert xruns <= max(2, periods // 100), f"JACK itself ran late {xruns} times in {periods:.0f} periods: " \
+        f"the machine is too loaded for this test\n{log}"
+    return xruns
 
 
 def _best_lag(x: np.ndarray, y: np.ndarray, lo: int, hi: int) -> tuple[int, float]:
@@ -144,7 +164,7 @@ def test_live_duplex_through_jack(jack_server, tmp_path):
     cmd = [sys.executable, "-m", "rtvc", "--set", 'paths.model="passthrough"', "live", "--host-api", "JACK", "--input-device", "system",
            "--output-device", str(_jack_device_index()), "--rate", str(RATE), "--block-ms", "10",
            "--duration", str(seconds), "--stats-json", str(stats)]
-    x, y, log, rc = _duplex(cmd, seconds)
+    x, y, log, rc, xruns = _duplex(cmd, seconds)
     assert rc == 0, log
     report = json.loads(stats.read_text())
     # audio went through: the recording is the signal, delayed by the reported latency + JACK graph periods
@@ -155,9 +175,8 @@ def test_live_duplex_through_jack(jack_server, tmp_path):
     # no underruns at the configured block size, from the first callback on
     assert report["block_frames"] == PERIOD
     assert report["engine"]["underruns"] == 0, log  # rtvc's output ring never ran dry
-    # PortAudio's flag reports JACK-server xruns (a client of the graph was scheduled late). With --no-realtime
-    # on a loaded 2-core VM the server itself can glitch once; measured 0 when the machine is otherwise idle.
-    assert report["output_underflows"] <= 2, log
+    # PortAudio's flag reports JACK-server xruns (the graph ran late), each one the test's own client saw too
+    assert report["output_underflows"] <= _xruns_allowed(xruns, seconds, log), log
     assert report["engine"]["dropped_in"] == report["engine"]["dropped_late"] == 0, log
     print(f"measured delay {best} samples = {1000 * best / RATE:.2f} ms "
           f"(engine nominal {report['latency_ms']:.2f} ms + {(best - lat) // PERIOD} JACK periods)")
@@ -173,14 +192,15 @@ def test_live_default_voices_through_jack(jack_server, tmp_path):
     cmd = [sys.executable, "-m", "rtvc", "live", "--host-api", "JACK", "--input-device", "system", "--output-device",
            "system", "--rate", str(RATE), "--block-ms", "10", "--voice", "slt", "--duration", str(seconds),
            "--stats-json", str(stats), "--calibrate", str(resources.files("rtvc").joinpath("samples/speech.wav"))]
-    x, y, log, rc = _duplex(cmd, seconds)
+    x, y, log, rc, xruns = _duplex(cmd, seconds)
     assert rc == 0, log
     report = json.loads(stats.read_text())
     assert "voice: slt" in log and "calibrated on" in log, log
-    # no underruns, except at most one block per JACK-server xrun that PortAudio reported (with --no-realtime on
-    # the loaded 2-core VM the graph itself runs late about once in four runs of this test: 121 samples short
-    # with one underflow flagged, measured; rtvc's compute here is ~3 ms per 10 ms hop)
-    xruns = min(int(report["output_underflows"]), 2)
+    # no underruns, except at most one block per JACK-server xrun (with --no-realtime on the loaded 2-core VM the
+    # graph itself runs late about once in four runs of this test, 121 samples short each time, measured; the CI
+    # run that had 5 xruns lost 724 samples; rtvc's compute is 3-4 ms per 10 ms hop on these VMs)
+    xruns = _xruns_allowed(xruns, seconds, log)
+    assert report["output_underflows"] <= xruns, log
     assert report["engine"]["underruns"] <= xruns * report["block_frames"], log
     # ... and what such an underrun delayed is dropped again (the delay never grows), no more
     assert report["engine"]["dropped_in"] + report["engine"]["dropped_late"] <= xruns * report["block_frames"], log
@@ -201,7 +221,7 @@ def test_mic_client_through_jack_and_server(jack_server):
     try:
         cmd = [sys.executable, "clients/mic.py", "--url", srv.url, "--input-device", "system", "--output-device",
                "system", "--rate", str(RATE), "--block-ms", "10", "--duration", str(seconds)]
-        x, y, log, rc = _duplex(cmd, seconds)
+        x, y, log, rc, _ = _duplex(cmd, seconds)
     finally:
         srv.stop()
     assert rc == 0, log
