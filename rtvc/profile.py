@@ -23,7 +23,7 @@ import numpy as np
 from .client import Received, round_trips_ms, stream_array
 from .config import Config
 from .convert import load_converter
-from .engine import StreamEngine
+from .engine import StreamEngine, settle_heap
 
 
 def chirp_train(seconds: float, rate: int, period: float = 0.25, length: float = 0.02) -> np.ndarray:
@@ -79,6 +79,7 @@ def profile_local(cfg: Config, seconds: float, rate: int, block_ms: float) -> di
     for _ in range(5):  # warm the converter (JIT cache loads, first-call allocations) before the clock starts
         conv.convert(np.zeros(conv.hop, np.float32))
     conv.reset()
+    settle_heap()  # as `rtvc live` does: no full garbage collection of the start-up heap mid-stream
     if hasattr(conv, "times"):
         conv.times.samples = {k: [] for k in conv.times.samples}
     w = threading.Thread(target=work, daemon=True)
