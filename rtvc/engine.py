@@ -39,12 +39,12 @@ from .ringbuffer import RingBuffer
 
 
 def settle_heap() -> None:
-    """Call once after start-up, before real-time audio flows (``rtvc live``, ``rtvc serve``): collect the start-up
-    garbage now and move every object alive (torch, the model: ~300k) out of the collector's reach (``gc.freeze``).
-    Why: a full collection of that heap took 248 ms on the 2-core VM, holding the GIL, so the audio callback (or
-    the event loop and the worker) stalls for ~25 hops; the first one tended to come within the first second of
-    streaming (121-sample underruns with no JACK xrun in `tests/test_live_jack.py`). Later collections scan only
-    what streaming itself allocates."""
+    """Call once after start-up, before real-time audio flows (``rtvc live``, ``serve``, ``profile``): collect the
+    start-up garbage now and move every object alive (torch, the model: ~300k) out of the collector's reach
+    (``gc.freeze``). Why: a full collection of that heap took 248 ms on the 2-core VM, holding the GIL the audio
+    callback (or the event loop and the worker) needs, ~25 hops. Streaming itself allocates little that survives
+    (a 6 s live run collected nothing above generation 0), so this guards long sessions: a full collection, should
+    one come mid-stream, has none of the start-up heap to scan."""
     gc.collect()
     gc.freeze()
 

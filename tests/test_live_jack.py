@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -196,14 +197,23 @@ def test_live_default_voices_through_jack(jack_server, tmp_path):
     assert rc == 0, log
     report = json.loads(stats.read_text())
     assert "voice: slt" in log and "calibrated on" in log, log
-    # no underruns, except at most one block per JACK-server xrun (with --no-realtime on the loaded 2-core VM the
-    # graph itself runs late about once in four runs of this test, 121 samples short each time, measured; the CI
-    # run that had 5 xruns lost 724 samples; rtvc's compute is 3-4 ms per 10 ms hop on these VMs)
+    # The first status line covers the stream's first second, in which the test wires the JACK graph (a user's
+    # graph is wired before rtvc starts): up to two blocks may be lost there (measured: 121-361 samples in about
+    # one run in six on the 2-core VM, with no JACK xrun and with no collection of Python's heap running).
+    block = report["block_frames"]
+    first = re.search(r"underruns (\d+) dropped (\d+)", log)
+    assert first, log
+    start_under, start_drop = int(first.group(1)), int(first.group(2))
+    assert start_under <= 2 * block and start_drop <= 2 * block, log
+    # From then on no underruns, except at most one block per JACK-server xrun (with --no-realtime on the loaded
+    # VM the graph itself runs late; the CI run that had 5 xruns lost 724 samples; rtvc's compute is 3-4 ms per
+    # 10 ms hop on these VMs) ...
     xruns = _xruns_allowed(xruns, seconds, log)
     assert report["output_underflows"] <= xruns, log
-    assert report["engine"]["underruns"] <= xruns * report["block_frames"], log
+    assert report["engine"]["underruns"] - start_under <= xruns * block, log
     # ... and what such an underrun delayed is dropped again (the delay never grows), no more
-    assert report["engine"]["dropped_in"] + report["engine"]["dropped_late"] <= xruns * report["block_frames"], log
+    dropped = sum(report["engine"][k] for k in ("overrun_in", "dropped_in", "dropped_late"))  # as the status line
+    assert dropped - start_drop <= xruns * block, log
     steady = y[RATE: -RATE]
     assert np.isfinite(steady).all() and float(np.sqrt(np.mean(steady ** 2))) > 1e-3, "no converted audio came back"
     _, err = _best_lag(x, y, 0, 4 * RATE // 100)
