@@ -66,9 +66,10 @@ def _duplex(cmd: list[str], seconds: float) -> tuple[np.ndarray, np.ndarray, str
     known signal and records its output port. Returns (sent, recorded, log, returncode, JACK xruns).
 
     The xruns are the JACK server's own (the graph ran late: with --no-realtime on a loaded 2-core VM it does),
-    counted by the test's client, which is active before the program starts and after it ends, so it sees every
-    xrun the program's stream could have seen. PortAudio reports each one to the program as an output
-    underflow, and rtvc can lose at most a block to it (the engine then drops what it delayed)."""
+    counted by the test's client from its activation (when the program's ports appear, just before the signal
+    flows) to the program's end; xruns before that are not counted, which can only make the tests stricter.
+    PortAudio reports each one to the program as an output underflow, and rtvc can lose at most a block to it
+    (the engine then drops what it delayed)."""
     import jack
 
     sig = _signal(int(RATE * (seconds + 4)))
@@ -122,8 +123,8 @@ def _duplex(cmd: list[str], seconds: float) -> tuple[np.ndarray, np.ndarray, str
 
 
 def _xruns_allowed(xruns: int, seconds: float, log: str) -> int:
-    """JACK server xruns are the VM's scheduling, not rtvc: tolerated up to 1% of the periods (a few per run
-    were measured on the loaded CI VM: 3 and 5 flags in one run). Beyond that the run cannot tell rtvc's
+    """JACK server xruns are the VM's scheduling, not rtvc: tolerated up to 1% of the periods (the loaded CI VM
+    flagged 3 and 5 in the two tests of one run). Beyond that the run cannot tell rtvc's
     underruns from the machine's, and says so."""
     periods = seconds * RATE / PERIOD
     assert xruns <= max(2, periods // 100), f"JACK itself ran late {xruns} times in {periods:.0f} periods: " \

@@ -70,7 +70,8 @@ class VoicedPassthrough(PassthroughBatch):
 
 @pytest.fixture(scope="module")
 def voiced_server():
-    srv = Running(_cfg(), VoicedPassthrough(_cfg(), 12))
+    cfg = _cfg()
+    srv = Running(cfg, VoicedPassthrough(cfg, 12))
     yield srv
     srv.stop()
 
@@ -152,7 +153,7 @@ def test_eight_sessions_twenty_seconds_realtime(voiced_server):
     """8 concurrent real-time sessions for 20 s: every frame answered, in order, nothing dropped, and every session
     hears exactly its own audio in its own voice (no cross-talk between batch slots)."""
     rate, block, seconds = 24000, 480, 20.0
-    voices = ["alto", "bass", "tenor"]
+    voices = VoicedPassthrough.voices
 
     async def one(i):
         x = _speech_like(seconds, rate, 10 + i)
