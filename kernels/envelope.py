@@ -68,32 +68,58 @@ def _harmonics(env, pitch, amp_prev, phase, share, rate, hop, df, w2, lf0_mean, 
 
 
 @njit(cache=True, nogil=True)
-def _noise(c0, length, seed):  # pragma: no cover - numba
-    u = np.empty(length, np.float32)
-    for s in range(length):
+def _noise_blocks(c0, n, hop, seed):  # pragma: no cover - numba
+    """The N overlapping noise blocks [N, 2*hop] of this chunk: block b is samples b*hop .. b*hop + 2*hop of the
+    counter-hashed noise from ``c0``."""
+    u = np.empty((n + 1) * hop, np.float32)
+    for s in range(u.shape[0]):
         u[s] = np.float32(_hash_noise(c0 + s + seed))
-    return u
+    blocks = np.empty((n, 2 * hop), np.float32)
+    for b in range(n):
+        blocks[b] = u[b * hop:b * hop + 2 * hop]
+    return blocks
+
+
+@njit(cache=True, nogil=True)
+def _gain(env, share, voiced, w2):  # pragma: no cover - numba
+    """Noise gain per grid bin and frame, transposed for the blocks' spectra: [N, G]."""
+    g_n, n = env.shape
+    gain = np.empty((n, g_n), np.float32)
+    for i in range(n):
+        for g in range(g_n):
+            gain[i, g] = np.sqrt(np.float32(3.0) * np.exp(env[g, i]) * (np.float32(1.0) - share[g] * voiced[i])
+                                 / np.float32(w2))
+    return gain
+
+
+@njit(cache=True, nogil=True)
+def _overlap_add(harm, blocks, window, tail):  # pragma: no cover - numba
+    """harm [N*hop] + the windowed noise blocks [N, 2*hop] overlapped by a hop (the first on the previous
+    chunk's ``tail`` [hop], which becomes this chunk's last half-block)."""
+    n, hop = blocks.shape[0], blocks.shape[1] // 2
+    out = np.empty(n * hop, np.float32)
+    for b in range(n):
+        for j in range(hop):
+            prev = tail[j] if b == 0 else np.float32(blocks[b - 1, hop + j]) * window[hop + j]
+            out[b * hop + j] = harm[b * hop + j] + (np.float32(blocks[b, j]) * window[j] + prev)
+    for j in range(hop):
+        tail[j] = np.float32(blocks[n - 1, hop + j]) * window[hop + j]
+    return out
 
 
 def envelope_synth(mel: np.ndarray, pitch: np.ndarray, synth: tuple) -> np.ndarray:
     """mel [n_mels, N] (normalised), pitch [2, N] -> [N * hop] float32; the state views in ``synth`` advance.
-    Harmonics in numba; the noise blocks' FFTs in numpy (numba has none)."""
+    Harmonics, noise and overlap-add in numba; the noise blocks' FFTs in numpy (numba has none)."""
     (phase, count, amp_prev, tail, interp, log_weight, mel_mean, mel_std, share, window,
      rate, hop, df, w2, lf0_mean, lf0_std, seed) = synth
     n = mel.shape[1]
     power = np.exp(mel * mel_std[:, None] + mel_mean[:, None]) - np.float32(FLOOR_SUBTRACT)  # silence: see there
     env = interp @ (np.log(np.maximum(power, np.float32(FLOOR_MIN))) - log_weight[:, None])  # [G, N]
     harm, voiced = _harmonics(env, pitch, amp_prev, phase, share, rate, hop, df, w2, lf0_mean, lf0_std)
-    gain = np.sqrt(np.float32(3.0) * np.exp(env) * (1.0 - share[:, None] * voiced[None]) / np.float32(w2))
-    u = _noise(count[0], (n + 1) * hop, seed)
-    blocks = np.lib.stride_tricks.sliding_window_view(u, 2 * hop)[::hop]                  # [N, 2*hop]
-    blocks = np.fft.irfft(np.fft.rfft(blocks) * gain.T, n=2 * hop).astype(np.float32) * window
-    noise = blocks[:, :hop].copy()
-    noise[0] += tail
-    noise[1:] += blocks[:-1, hop:]
-    tail[:] = blocks[-1, hop:]
+    spec = np.fft.rfft(_noise_blocks(count[0], n, hop, seed))
+    spec *= _gain(env, share, voiced, w2)
     count[0] += n * hop
-    return harm + noise.reshape(-1)
+    return _overlap_add(harm, np.fft.irfft(spec, n=2 * hop), window, tail)
 
 
 def envelope_args(synth, slot: int = 0) -> tuple:

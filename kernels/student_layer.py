@@ -43,25 +43,33 @@ def causal_conv_cpu(x, past, w, b, k, d, extra):  # pragma: no cover - numba
     p = past.shape[1]
     e = extra.shape[0]
     cols = np.empty((k * c + e, t_len), np.float32)
-    for tap in range(k):
+    for tap in range(k):  # row-wise (contiguous) copies: tap's steps t < p - tap*d read the history
+        s = tap * d
+        n_past = min(max(p - s, 0), t_len)
+        for i in range(c):
+            row = tap * c + i
+            for t in range(n_past):
+                cols[row, t] = past[i, s + t]
+            for t in range(n_past, t_len):
+                cols[row, t] = x[i, s + t - p]
+    for i in range(e):
         for t in range(t_len):
-            j = tap * d + t
-            if j < p:
-                cols[tap * c:(tap + 1) * c, t] = past[:, j]
-            else:
-                cols[tap * c:(tap + 1) * c, t] = x[:, j - p]
-    if e:
-        cols[k * c:, :] = extra
+            cols[k * c + i, t] = extra[i, t]
     if p:
-        if t_len >= p:
-            past[:, :] = x[:, t_len - p:]
-        else:
-            for i in range(p - t_len):
-                past[:, i] = past[:, i + t_len]
-            past[:, p - t_len:] = x
+        for i in range(c):
+            if t_len >= p:
+                for j in range(p):
+                    past[i, j] = x[i, t_len - p + j]
+            else:
+                for j in range(p - t_len):
+                    past[i, j] = past[i, j + t_len]
+                for j in range(t_len):
+                    past[i, p - t_len + j] = x[i, j]
     y = np.dot(w, cols)
     for i in range(y.shape[0]):
-        y[i, :] += b[i]
+        bi = b[i]
+        for t in range(t_len):
+            y[i, t] += bi
     return y
 
 
@@ -73,11 +81,14 @@ def layer_cpu(x, c, past, w, b, wr, br, ws, skips, k, d):  # pragma: no cover - 
     g = np.empty((ch, t_len), np.float32)
     for i in range(ch):
         for t in range(t_len):
-            g[i, t] = h[i, t] / (1.0 + math.exp(-h[i + ch, t]))
-    skips += np.dot(ws, g)
-    out = x + np.dot(wr, g)
+            g[i, t] = h[i, t] / (np.float32(1.0) + np.exp(-h[i + ch, t]))
+    s = np.dot(ws, g)
+    out = np.dot(wr, g)
     for i in range(ch):
-        out[i, :] += br[i]
+        bi = br[i]
+        for t in range(t_len):
+            skips[i, t] += s[i, t]
+            out[i, t] = x[i, t] + out[i, t] + bi  # the order of reference(): (x + wr @ g) + br
     return out
 
 

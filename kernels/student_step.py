@@ -20,7 +20,12 @@ from .student_layer import layer_cpu
 
 @njit(cache=True, nogil=True)
 def _leaky(x):  # pragma: no cover - numba
-    return np.where(x > 0, x, np.float32(0.2) * x).astype(np.float32)
+    y = np.empty_like(x)
+    for i in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            v = x[i, t]
+            y[i, t] = v if v > 0 else np.float32(0.2) * v
+    return y
 
 
 @njit(cache=True, nogil=True)
@@ -35,13 +40,20 @@ def excitation(pitch, source, sub):  # pragma: no cover - numba
         voiced = pitch[1, i] > 0.5
         f0 = np.exp(np.float64(pitch[0, i]) * lf0_std + lf0_mean) if voiced else 0.0
         inc = f0 * (2.0 * np.pi / rate)
+        top = 0
+        if voiced:
+            while top < harmonics and (top + 1) * f0 < 0.475 * rate:  # harmonics below Nyquist sound
+                top += 1
         for j in range(hop):
             t = i * hop + j
-            if voiced:
-                for k in range(1, harmonics + 1):
-                    if k * f0 < 0.475 * rate:
-                        src[(k - 1) * sub + t % sub, t // sub] = np.sin(k * ph)
-            src[harmonics * sub + t % sub, t // sub] = _hash_noise(c0 + t)
+            col, r = t // sub, t % sub
+            if top:  # sin(k ph) by the Chebyshev recurrence, as kernels.envelope does (float64)
+                c2 = 2.0 * np.cos(ph)
+                s_prev, s_cur = 0.0, np.sin(ph)
+                for k in range(top):
+                    src[k * sub + r, col] = s_cur
+                    s_prev, s_cur = s_cur, c2 * s_cur - s_prev
+            src[harmonics * sub + r, col] = _hash_noise(c0 + t)
             ph += inc
     phase[0] = ph % (2.0 * np.pi)
     count[0] = c0 + n * hop

@@ -19,7 +19,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .config import Config
-from .frontend import Frontend, PitchStats, SourcePitch
+from .frontend import Frontend, PitchStats, SourcePitch, stream_numpy
 from .streaming import StreamingModule
 from .vocoder import Student
 from .vqvae import VQVAE
@@ -106,6 +106,7 @@ class VoiceConverter:
         self.fused = fused and self.device.type == "cpu"
         self._fused_args: tuple | None = None
         self._student_args: tuple | None = None
+        self._frontend_args: tuple = ()  # bound with _student_args (same lifetime: the streaming state tensors)
 
     def _set_voice(self, voice: str) -> None:
         idx = self.model.speaker_id(voice)
@@ -153,18 +154,6 @@ class VoiceConverter:
         pitch = self.source_pitch(fr, self._target, self.transpose)
         pitch_t = torch.from_numpy(pitch)[None].to(self.device)
         t = self._tick("pitch", t)
-        if self.fused and m.vqvae.encoder.is_streaming and mel.shape[0] == 1 and not mel_only:
-            from kernels.frame_stack import frame_convert
-            enc, cb, cb_norm, dec = self._fused()
-            out = np.empty((mel.shape[1], mel.shape[2]), np.float32)
-            frame_convert(m.vqvae.encoder.envelope(mel)[0].numpy(), pitch, enc, cb, cb_norm, dec, out)
-            t = self._tick("encoder+vq+decoder (fused)", t)
-            from kernels.student_step import student_args, student_step
-            if self._student_args is None:
-                self._student_args = student_args(m.student)
-            y = torch.from_numpy(student_step(out, pitch, *self._student_args))[None]
-            self._tick("vocoder", t)
-            return y
         z = m.vqvae.encoder(mel)
         t = self._tick("encoder", t)
         zf = z[0].t()
@@ -178,10 +167,37 @@ class VoiceConverter:
         self._tick("vocoder", t)
         return y
 
+    def _run_fused(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`_run` streaming on the CPU for this one stream, numpy end to end on the modules' own state (so
+        the two paths alternate): frontend, pitch, one numba call for encoder -> VQ -> decoder, one for the
+        vocoder. x [N*hop] float32 -> [N*hop] float32."""
+        from kernels.frame_stack import frame_convert
+        from kernels.student_step import student_args, student_step
+        m = self.model
+        if self._student_args is None:
+            lifter = m.vqvae.encoder.lifter
+            self._frontend_args = (m.frontend.numpy_args(), None if lifter is None else lifter.numpy())
+            self._student_args = student_args(m.student)
+        t = time.perf_counter()
+        mel, frames = stream_numpy(x, self._frontend_args[0])
+        t = self._tick("frontend", t)
+        pitch = self.source_pitch(frames, self._target, self.transpose)
+        t = self._tick("pitch", t)
+        enc, cb, cb_norm, dec = self._fused()
+        lifter = self._frontend_args[1]
+        out = np.empty_like(mel)
+        frame_convert(mel if lifter is None else lifter @ mel, pitch, enc, cb, cb_norm, dec, out)
+        t = self._tick("encoder+vq+decoder (fused)", t)
+        y = student_step(out, pitch, *self._student_args)
+        self._tick("vocoder", t)
+        return y
+
     def convert(self, x: np.ndarray) -> np.ndarray:
         """One or more whole hops [k*hop] float32 -> same length, streaming."""
         if x.ndim != 1 or x.shape[0] % self.hop or x.shape[0] == 0:
             raise ValueError(f"{self.name}: expected whole hops of {self.hop} samples, got shape {x.shape}")
+        if self.fused and self.model.vqvae.encoder.is_streaming:
+            return self._run_fused(np.ascontiguousarray(x, dtype=np.float32))
         wav = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self.device)
         return self._run(wav)[0].cpu().numpy()
 
