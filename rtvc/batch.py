@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .frontend import SourcePitch
-from .voice import VoiceModel, fused_frame_args
+from .voice import VoiceModel, fused_args, fused_step
 
 
 class NoFreeSlot(RuntimeError):
@@ -119,6 +119,8 @@ class BatchedVoice(VoiceSlots):
             m.reset_streaming(fresh)
             for s in fresh:
                 self._pitch[s].reset()
+        if self.fused:
+            return self._step_fused(slots, np.ascontiguousarray(hops, dtype=np.float32))
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         wav = torch.from_numpy(np.ascontiguousarray(hops, dtype=np.float32)).to(self.device)
         with m.frontend.slots(idx):
@@ -126,9 +128,7 @@ class BatchedVoice(VoiceSlots):
         fr = frames.float().cpu().numpy()  # [n, 1, win]
         pitch = np.zeros((len(slots), 2, fr.shape[1]), np.float32)
         for i, s in enumerate(slots):
-            pitch[i] = self._pitch[s](fr[i], m.pitch.get(self.voice_of(s), m.prior), float(self._transpose[s]))
-        if self.fused:
-            return self._step_fused(slots, m.vqvae.encoder.envelope(mel).numpy(), pitch)
+            pitch[i] = self._pitch_of(s, fr[i])
         with m.slots(idx):
             z = m.vqvae.encoder(mel)
             n, d, t = z.shape
@@ -139,17 +139,21 @@ class BatchedVoice(VoiceSlots):
             mel_hat = m.vqvae.decoder(q, spk, pitch_t)
             return m.student(mel_hat, pitch_t)[:, 0].float().cpu().numpy()
 
-    def _step_fused(self, slots: list[int], mel: np.ndarray, pitch: np.ndarray) -> np.ndarray:
-        from kernels.frame_stack import frame_convert
-        from kernels.student_step import student_args, student_step
-        out = np.empty((len(slots), mel.shape[2] * self.hop), np.float32)
+    def _pitch_of(self, slot: int, frames: np.ndarray) -> np.ndarray:
+        """frames [N, win] of ``slot`` -> its mapped pitch [2, N] (its own tracker, voice and transpose)."""
+        m = self.model
+        return self._pitch[slot](frames, m.pitch.get(self.voice_of(slot), m.prior), float(self._transpose[slot]))
+
+    def _step_fused(self, slots: list[int], hops: np.ndarray) -> np.ndarray:
+        """Each slot's :func:`rtvc.voice.fused_step` on views of its own state: hops [n, N*hop] -> [n, N*hop]."""
+        out = np.empty_like(hops)
         for i, s in enumerate(slots):
             if self._args[s] is None:
                 v = int(self._voice[s])
-                spk = self.model.vqvae.speakers.weight[v:v + 1].detach()
-                self._args[s] = (fused_frame_args(self.model, spk, s), student_args(self.model.student, s))
-            (enc, cb, cbn, dec), stu = self._args[s]
-            mel_hat = np.empty((mel.shape[1], mel.shape[2]), np.float32)
-            frame_convert(mel[i], pitch[i], enc, cb, cbn, dec, mel_hat)
-            out[i] = student_step(mel_hat, pitch[i], *stu)
+                self._args[s] = fused_args(self.model, self.model.vqvae.speakers.weight[v:v + 1].detach(), s)
+            out[i] = fused_step(hops[i], self._args[s], lambda fr, s=s: self._pitch_of(s, fr), _no_tick)
         return out
+
+
+def _no_tick(stage: str, t0: float) -> float:
+    return t0

@@ -104,9 +104,7 @@ class VoiceConverter:
         self.model.start_streaming(1)
         # CPU, one stream: encoder -> VQ -> decoder as one fused numba call on the same streaming state
         self.fused = fused and self.device.type == "cpu"
-        self._fused_args: tuple | None = None
-        self._student_args: tuple | None = None
-        self._frontend_args: tuple = ()  # bound with _student_args (same lifetime: the streaming state tensors)
+        self._fused_args: tuple | None = None  # fused_args(): views of the streaming state, rebuilt with it
 
     def _set_voice(self, voice: str) -> None:
         idx = self.model.speaker_id(voice)
@@ -115,13 +113,7 @@ class VoiceConverter:
         with torch.no_grad():
             self._spk = self.model.vqvae.speakers.weight[idx:idx + 1].detach().clone()
         self._target = self.model.pitch.get(voice, self.model.prior)
-        self._fused_args = self._student_args = None  # speaker biases changed / maybe a copied model
-
-    def _fused(self) -> tuple:
-        """Arguments of :func:`kernels.frame_stack.frame_convert`, bound to the current streaming state."""
-        if self._fused_args is None:
-            self._fused_args = fused_frame_args(self.model, self._spk, 0)
-        return self._fused_args
+        self._fused_args = None  # speaker biases changed / maybe a copied model
 
     def with_voice(self, voice: str, transpose: float | None = None) -> "VoiceConverter":
         """A converter for another voice that *continues* this one's streaming state (for a crossfade)."""
@@ -168,29 +160,11 @@ class VoiceConverter:
         return y
 
     def _run_fused(self, x: np.ndarray) -> np.ndarray:
-        """:meth:`_run` streaming on the CPU for this one stream, numpy end to end on the modules' own state (so
-        the two paths alternate): frontend, pitch, one numba call for encoder -> VQ -> decoder, one for the
-        vocoder. x [N*hop] float32 -> [N*hop] float32."""
-        from kernels.frame_stack import frame_convert
-        from kernels.student_step import student_args, student_step
-        m = self.model
-        if self._student_args is None:
-            lifter = m.vqvae.encoder.lifter
-            self._frontend_args = (m.frontend.numpy_args(), None if lifter is None else lifter.numpy())
-            self._student_args = student_args(m.student)
-        t = time.perf_counter()
-        mel, frames = stream_numpy(x, self._frontend_args[0])
-        t = self._tick("frontend", t)
-        pitch = self.source_pitch(frames, self._target, self.transpose)
-        t = self._tick("pitch", t)
-        enc, cb, cb_norm, dec = self._fused()
-        lifter = self._frontend_args[1]
-        out = np.empty_like(mel)
-        frame_convert(mel if lifter is None else lifter @ mel, pitch, enc, cb, cb_norm, dec, out)
-        t = self._tick("encoder+vq+decoder (fused)", t)
-        y = student_step(out, pitch, *self._student_args)
-        self._tick("vocoder", t)
-        return y
+        """:meth:`_run` streaming on the CPU for this one stream (:func:`fused_step`): x [N*hop] -> [N*hop]."""
+        if self._fused_args is None:
+            self._fused_args = fused_args(self.model, self._spk, 0)
+        return fused_step(x, self._fused_args, lambda fr: self.source_pitch(fr, self._target, self.transpose),
+                          self._tick)
 
     def convert(self, x: np.ndarray) -> np.ndarray:
         """One or more whole hops [k*hop] float32 -> same length, streaming."""
@@ -224,11 +198,11 @@ class VoiceConverter:
             return self._run(wav)[0, :n].cpu().numpy()
         finally:
             self.model.start_streaming(1)
-            self._fused_args = self._student_args = None  # new state tensors
+            self._fused_args = None  # new state tensors
             self.source_pitch = saved
 
 
-def fused_frame_args(model: VoiceModel, spk: torch.Tensor, slot: int) -> tuple:
+def _frame_args(model: VoiceModel, spk: torch.Tensor, slot: int) -> tuple:
     """(encoder args, codebook, ||codebook||^2, decoder args) for :func:`kernels.frame_stack.frame_convert`,
     bound to batch slot ``slot`` of the streaming state and speaker embedding ``spk`` [1, S]."""
     from kernels.frame_stack import stack_args
@@ -240,6 +214,39 @@ def fused_frame_args(model: VoiceModel, spk: torch.Tensor, slot: int) -> tuple:
         cb = v.vq.codebook.detach().contiguous().numpy()
     return (stack_args(enc, np.zeros((len(enc) - 1, v.encoder.inp.c_out), np.float32), slot),
             cb, (cb * cb).sum(1), stack_args(dec, spk_bias, slot))
+
+
+def fused_args(model: VoiceModel, spk: torch.Tensor, slot: int) -> tuple:
+    """Everything :func:`fused_step` needs for batch slot ``slot`` of the streaming model and speaker embedding
+    ``spk`` [1, S]: numpy views of the slot's state (so the torch path and this one alternate mid-stream) and
+    of the weights. Rebuild after the state tensors are replaced (``start_streaming``) or the speaker changes."""
+    from kernels.student_step import student_args
+    lifter = model.vqvae.encoder.lifter
+    return (model.frontend.numpy_args(slot), None if lifter is None else lifter.numpy(),
+            _frame_args(model, spk, slot), student_args(model.student, slot))
+
+
+def fused_step(x: np.ndarray, args: tuple, pitch_of, tick) -> np.ndarray:
+    """One stream's streaming step on the CPU, numpy end to end: frontend (:func:`rtvc.frontend.stream_numpy`),
+    pitch (``pitch_of(frames [N, win]) -> [2, N]``, the stream's tracker and mapping), one numba call for encoder
+    -> VQ -> decoder (:func:`kernels.frame_stack.frame_convert`), one for the vocoder
+    (:func:`kernels.student_step.student_step`). x [N*hop] float32 -> [N*hop] float32. Per 10 ms hop eager torch
+    spends most of its time dispatching ops (``rtvc bench``: fused vs plain torch). ``tick(stage, t0) -> t``:
+    stage timing (:meth:`VoiceConverter._tick`). ``args``: :func:`fused_args`."""
+    from kernels.frame_stack import frame_convert
+    from kernels.student_step import student_step
+    fe, lifter, (enc, cb, cb_norm, dec), stu = args
+    t = time.perf_counter()
+    mel, frames = stream_numpy(x, fe)
+    t = tick("frontend", t)
+    pitch = pitch_of(frames)
+    t = tick("pitch", t)
+    out = np.empty_like(mel)
+    frame_convert(mel if lifter is None else lifter @ mel, pitch, enc, cb, cb_norm, dec, out)
+    t = tick("encoder+vq+decoder (fused)", t)
+    y = student_step(out, pitch, *stu)
+    tick("vocoder", t)
+    return y
 
 
 def make_voice_model(cfg: Config, speakers: list[str], seed: int = 0) -> VoiceModel:
