@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from rtvc.envelope import voice_bar
 from rtvc.frontend import LF0_MEAN, LF0_STD
 
 from .envelope import _hash_noise, envelope_args, envelope_synth
@@ -60,10 +59,25 @@ def excitation(pitch, source, sub):  # pragma: no cover - numba
     return src
 
 
+@njit(cache=True, nogil=True)
+def _voice_bar(mel, pitch, bands, level):  # pragma: no cover - numba
+    """:func:`rtvc.envelope.voice_bar` for one stream (numpy there costs ~25 us a hop in call overhead)."""
+    out = pitch.copy()
+    if bands == 0:
+        return out
+    for i in range(mel.shape[1]):
+        s = np.float32(0.0)
+        for b in range(bands):
+            s += mel[b, i]
+        if s / np.float32(bands) > level:
+            out[1, i] = np.float32(1.0)  # = pitch + (1 - pitch) * bar, exactly
+    return out
+
+
 def student_step(mel: np.ndarray, pitch: np.ndarray, bar: tuple, synth: tuple, *net) -> np.ndarray:
     """mel [n_mels, N], pitch [2, N] (as the decoder got it) -> waveform [N * hop] (streaming; all histories,
     the excitation's and the envelope synthesis' state updated in place). ``bar, synth, *net``: :func:`student_args`."""
-    pitch = voice_bar(mel, pitch, *bar)  # as the torch module's synth.voiced: what synthesis and excitation sound
+    pitch = _voice_bar(mel, pitch, *bar)  # as the torch module's synth.voiced: what synthesis and excitation sound
     return _student_net(mel, pitch, envelope_synth(mel, pitch, synth), *net)
 
 
