@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import kernels.student_layer  # noqa: E402,F401
 import kernels.vq  # noqa: E402,F401
 from kernels.student_layer import reference as layer_reference  # noqa: E402
 from kernels.vq import reference as vq_reference  # noqa: E402
+from rtvc.bench import cpu_name  # noqa: E402
 from rtvc.config import load_config  # noqa: E402
 from rtvc.gpu_step import GraphStep  # noqa: E402
 from rtvc.vocoder import Student, Teacher  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--out", help="JSON path (default bench/results/gpu_<device>.json)")
     a = p.parse_args()
     device = torch.device(a.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     reps = 20 if a.quick else a.reps
     result = {"command": "python bench/gpu.py " + " ".join(sys.argv[1:]), "device": name, "torch": torch.__version__,
               "ops": bench_ops(device, reps, a.quick)}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rtvc.bench import cpu_name
 from rtvc.ringbuffer import RingBuffer
 
 
@@ -67,8 +68,8 @@ def main() -> None:
         print(f"{block:>6} {a:>9.2f} {b:>9.2f} {b / a:>7.1f}x")
     out = Path(__file__).parent / "results" / "ringbuffer.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"command": "python bench/ringbuffer.py", "machine": platform.processor() or
-                               platform.machine(), "python": platform.python_version(), "rows": rows}, indent=2))
+    out.write_text(json.dumps({"command": "python bench/ringbuffer.py", "machine": cpu_name(),
+                               "python": platform.python_version(), "rows": rows}, indent=2))
     print(f"saved {out}")
 
 

@@ -59,6 +59,20 @@ def measure(model: VoiceModel, seconds: float, threads: int, fused: bool = True)
             "rtf_median": tot["median_ms"] / hop_ms, "rtf_p99": tot["p99_ms"] / hop_ms}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo) and core count, for results files: VMs of one kind differ."""
+    import os
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def run_bench(cfg: Config, out: str | Path, seconds: float = 5.0) -> dict:
     model, source = _model(cfg)
     params = {"encoder": model.vqvae.encoder, "vq": model.vqvae.vq, "decoder": model.vqvae.decoder,
@@ -69,7 +83,7 @@ def run_bench(cfg: Config, out: str | Path, seconds: float = 5.0) -> dict:
     engine48 = StreamEngine(DelayConverter(vc.sample_rate, vc.hop, vc.latency), 48000, cfg.engine)
     hop_ms = 1000 * vc.hop / vc.sample_rate
     result = {
-        "command": "rtvc bench", "model": source, "machine": platform.processor() or platform.machine(),
+        "command": "rtvc bench", "model": source, "machine": cpu_name(),
         "torch": torch.__version__, "params": n_params, "params_total": sum(n_params.values()),
         "hop_ms": hop_ms,
         "algorithmic_latency_ms": {"model": hop_ms + 1000 * vc.latency / vc.sample_rate,
@@ -78,7 +92,7 @@ def run_bench(cfg: Config, out: str | Path, seconds: float = 5.0) -> dict:
         "runs": [measure(model, seconds, th, fused) for fused in (True, False) for th in (1, 2)],
     }
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"model: {source}")
+    print(f"model: {source}\nmachine: {result['machine']}")
     print("parameters: " + ", ".join(f"{k} {v / 1e3:.1f}k" for k, v in n_params.items()) +
           f" (total {result['params_total'] / 1e6:.2f}M)")
     lat = result["algorithmic_latency_ms"]
