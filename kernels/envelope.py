@@ -94,8 +94,8 @@ def _gain(env, share, voiced, w2):  # pragma: no cover - numba
 
 @njit(cache=True, nogil=True)
 def _overlap_add(harm, blocks, window, tail):  # pragma: no cover - numba
-    """harm [N*hop] + the windowed noise blocks [N, 2*hop] overlapped by a hop (the first on the previous
-    chunk's ``tail`` [hop], which becomes this chunk's last half-block)."""
+    """harm [N*hop] + the windowed noise blocks [N, 2*hop] overlapped by a hop: the first block's first half adds
+    to the previous chunk's ``tail`` [hop]; ``tail`` then holds the last block's windowed second half."""
     n, hop = blocks.shape[0], blocks.shape[1] // 2
     out = np.empty(n * hop, np.float32)
     for b in range(n):

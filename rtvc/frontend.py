@@ -94,7 +94,7 @@ def stream_numpy(wav: np.ndarray, args: tuple) -> tuple[np.ndarray, np.ndarray]:
     spends ~4x as long on op dispatch for one 10 ms hop): wav [N*hop] float32 -> (normalised log-mel
     [n_mels, N] float32, frames [N, win]); ``args``: :meth:`Frontend.numpy_args` (its history advances)."""
     past, window, fb, mean, std, hop, n_fft = args
-    if wav.shape[0] % hop or wav.ndim != 1:
+    if wav.ndim != 1 or wav.shape[0] % hop:
         raise ValueError(f"frontend input must be whole hops of {hop} samples, got shape {wav.shape}")
     full = np.concatenate((past, wav))
     past[:] = full[full.shape[0] - past.shape[0]:]

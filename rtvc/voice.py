@@ -102,7 +102,7 @@ class VoiceConverter:
         self._set_voice(voice or model.speakers[0])
         self.profile, self.times = profile, StageTimes()
         self.model.start_streaming(1)
-        # CPU, one stream: encoder -> VQ -> decoder as one fused numba call on the same streaming state
+        # CPU, one stream: the whole step in numpy and numba (fused_step) on the modules' own streaming state
         self.fused = fused and self.device.type == "cpu"
         self._fused_args: tuple | None = None  # fused_args(): views of the streaming state, rebuilt with it
 

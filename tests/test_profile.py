@@ -4,6 +4,11 @@ reports round trips and capacity, and JSON + PNG are written."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from rtvc.config import load_config
 from rtvc.profile import chirp_train, measured_delay, run_profile
@@ -29,3 +34,18 @@ def test_profile_local_and_in_process_server(tmp_path):
     saved = json.loads((tmp_path / "profile.json").read_text())
     assert saved["server"]["round_trip_ms"].keys() == {"p50", "p95", "p99"}
     assert (tmp_path / "profile.png").stat().st_size > 10000
+
+
+@pytest.mark.slow
+def test_step_ab_script_times_a_revision_and_the_tree(tmp_path):
+    """bench/step_ab.py: HEAD and the working tree, one short round each, both timed and saved; the temporary
+    worktree is gone afterwards."""
+    root = Path(__file__).resolve().parent.parent
+    worktrees = subprocess.run(["git", "-C", str(root), "worktree", "list"], capture_output=True, text=True).stdout
+    out = tmp_path / "ab.json"
+    r = subprocess.run([sys.executable, "bench/step_ab.py", "--against", "HEAD", "--rounds", "1", "--seconds", "1",
+                        "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    assert set(res["median"]) == {"HEAD", "working tree"} and all(v > 0 for v in res["median"].values())
+    assert subprocess.run(["git", "-C", str(root), "worktree", "list"], capture_output=True, text=True).stdout == worktrees
