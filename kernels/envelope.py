@@ -33,6 +33,10 @@ def _harmonics(env, pitch, amp_prev, phase, share, rate, hop, df, w2, lf0_mean, 
     out = np.zeros(n * hop, np.float32)
     voiced_out = np.zeros(n, np.float32)
     amp = np.empty(K, np.float32)
+    ramp = np.empty(hop, np.float32)  # the amplitudes' linear interpolation across the hop, (j + 1) / hop
+    for j in range(hop):
+        ramp[j] = np.float32((j + 1) / hop)
+    c2, s_prev, s_cur, acc = np.empty(hop), np.empty(hop), np.empty(hop), np.empty(hop)
     ph = phase[0]
     for i in range(n):
         voiced = pitch[1, i] > 0.5
@@ -52,16 +56,21 @@ def _harmonics(env, pitch, amp_prev, phase, share, rate, hop, df, w2, lf0_mean, 
                 top = k + 1
         inc = f0 * (2.0 * np.pi / rate)
         for j in range(hop):
-            r = np.float32((j + 1) / hop)
             p = ph % (2.0 * np.pi)
-            c2 = 2.0 * math.cos(p)
-            s_prev, s_cur = 0.0, math.sin(p)
-            acc = 0.0
-            for k in range(top):  # sin((k+1) p) by the Chebyshev recurrence
-                acc += (amp_prev[k] + (amp[k] - amp_prev[k]) * r) * s_cur
-                s_prev, s_cur = s_cur, c2 * s_cur - s_prev
-            out[i * hop + j] = np.float32(acc)
+            c2[j] = 2.0 * math.cos(p)
+            s_prev[j], s_cur[j], acc[j] = 0.0, math.sin(p), 0.0
             ph += inc
+        # sin((k+1) p) by the Chebyshev recurrence; harmonic-major, so the inner loop runs across the hop's
+        # independent samples and vectorises (sample-major, each sample's chain of multiply-adds is serial)
+        for k in range(top):
+            a0, da = amp_prev[k], amp[k] - amp_prev[k]
+            for j in range(hop):
+                acc[j] += (a0 + da * ramp[j]) * s_cur[j]
+                nxt = c2[j] * s_cur[j] - s_prev[j]
+                s_prev[j] = s_cur[j]
+                s_cur[j] = nxt
+        for j in range(hop):
+            out[i * hop + j] = np.float32(acc[j])
         amp_prev[:] = amp
     phase[0] = ph % (2.0 * np.pi)
     return out, voiced_out
