@@ -29,10 +29,10 @@ def _conv(x, past, w, b, k, d, cols):  # pragma: no cover - numba
         else:
             cols[tap * c:(tap + 1) * c] = x
     y = np.dot(w, cols[: k * c]) + b
-    if p > 0:
-        for i in range(p - 1):
-            past[:, i] = past[:, i + 1]
-        past[:, p - 1] = x
+    for i in range(c if p > 0 else 0):  # shift row by row: each row of the history is contiguous
+        for j in range(p - 1):
+            past[i, j] = past[i, j + 1]
+        past[i, p - 1] = x[i]
     return y
 
 
