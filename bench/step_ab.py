@@ -3,7 +3,8 @@
 ``rtvc bench`` figures move by ~40% from run to run on a shared VM, more than most changes to a kernel, so a
 change is measured against a git revision by alternating the two in fresh processes (``--rounds`` each), on the
 same model and input: REV is checked out as a temporary worktree and put first on ``PYTHONPATH``. Prints each
-round's median ms per 10 ms hop and the median over rounds; saves ``bench/results/step_ab.json``.
+round's median ms per 10 ms hop and the median over rounds; saves ``bench/results/step_ab.json``. ``--paced``:
+one hop per hop duration, as live audio arrives (on a shared VM, cold caches make that ~2x the back-to-back cost).
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ x = _speech_like(int({seconds} * vc.sample_rate) // hop * hop, vc.sample_rate)
 for i in range(50):
     vc.convert(x[i * hop:(i + 1) * hop])
 ts = []
+start = time.perf_counter()
 for i in range(x.shape[0] // hop):
+    if {paced}:  # one hop per hop duration, as live audio arrives (rtvc.bench.measure's paced run)
+        time.sleep(max(0.0, start + i * hop / vc.sample_rate - time.perf_counter()))
     t0 = time.perf_counter()
     vc.convert(x[i * hop:(i + 1) * hop])
     ts.append(time.perf_counter() - t0)
@@ -39,10 +43,10 @@ print(1e3 * np.median(ts))
 """
 
 
-def measure(tree: Path, model: str, seconds: float) -> float:
+def measure(tree: Path, model: str, seconds: float, paced: bool) -> float:
     env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run([sys.executable, "-c", TIMING.format(model=model, seconds=seconds)], env=env, cwd=tree,
-                         capture_output=True, text=True, check=True)
+    code = TIMING.format(model=model, seconds=seconds, paced=paced)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tree, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -52,6 +56,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=6.0, help="signal length per measurement")
     p.add_argument("--model", default=str(ROOT / "rtvc/models/default.pt"))
+    p.add_argument("--paced", action="store_true", help="one hop per hop duration, as live (else back to back)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "step_ab.json"))
     a = p.parse_args()
     rows: dict[str, list[float]] = {a.against: [], "working tree": []}
@@ -61,7 +66,7 @@ def main() -> None:
         try:
             for r in range(a.rounds):
                 for name, tree in ((a.against, other), ("working tree", ROOT)):
-                    rows[name].append(measure(tree, a.model, a.seconds))
+                    rows[name].append(measure(tree, a.model, a.seconds, a.paced))
                     print(f"round {r + 1}: {name:<14} {rows[name][-1]:.3f} ms per hop")
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(other)], check=True)
@@ -71,7 +76,7 @@ def main() -> None:
     from rtvc.bench import cpu_name
     out = Path(a.out)
     out.write_text(json.dumps({"command": "python bench/step_ab.py " + " ".join(sys.argv[1:]), "machine": cpu_name(),
-                               "ms_per_hop": rows, "median": summary}, indent=2))
+                               "paced": a.paced, "ms_per_hop": rows, "median": summary}, indent=2))
     print(f"saved {out}")
 
 

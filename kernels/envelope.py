@@ -3,7 +3,8 @@ streaming state (views), so the torch and numba paths can alternate mid-stream.
 
 The torch module evaluates sin(k * phase) for every harmonic; here the harmonics come from the Chebyshev
 recurrence sin((k+1)p) = 2 cos(p) sin(kp) - sin((k-1)p) (one multiply-add each, float64) and stop at the highest
-harmonic that sounds in either of the two frames a hop interpolates between. The noise blocks use numpy's FFT.
+harmonic that sounds in either of the two frames a hop interpolates between. The noise blocks' FFTs run inside
+numba through rocket-fft (pocketfft, as numpy's), so the whole synthesis is one compiled call.
 """
 
 from __future__ import annotations
@@ -118,12 +119,21 @@ def _overlap_add(harm, blocks, window, tail):  # pragma: no cover - numba
 
 def envelope_synth(mel: np.ndarray, pitch: np.ndarray, synth: tuple) -> np.ndarray:
     """mel [n_mels, N] (normalised), pitch [2, N] -> [N * hop] float32; the state views in ``synth`` advance.
-    Harmonics, noise and overlap-add in numba; the noise blocks' FFTs in numpy (numba has none)."""
-    (phase, count, amp_prev, tail, interp, log_weight, mel_mean, mel_std, share, window,
-     rate, hop, df, w2, lf0_mean, lf0_std, seed) = synth
-    n = mel.shape[1]
-    power = np.exp(mel * mel_std[:, None] + mel_mean[:, None]) - np.float32(FLOOR_SUBTRACT)  # silence: see there
-    env = interp @ (np.log(np.maximum(power, np.float32(FLOOR_MIN))) - log_weight[:, None])  # [G, N]
+    One numba call (the noise blocks' FFTs through rocket-fft's numba support for ``np.fft``): per 10 ms hop
+    live, each Python-level numpy call costs tens of microseconds once the caches have gone cold between hops."""
+    return _envelope_synth(mel, pitch, *synth)
+
+
+@njit(cache=True, nogil=True)
+def _envelope_synth(mel, pitch, phase, count, amp_prev, tail, interp, log_weight, mel_mean, mel_std, share, window,
+                    rate, hop, df, w2, lf0_mean, lf0_std, seed):  # pragma: no cover - numba
+    n_mels, n = mel.shape
+    log_mel = np.empty((n_mels, n), np.float32)
+    for b in range(n_mels):
+        for i in range(n):
+            power = np.exp(mel[b, i] * mel_std[b] + mel_mean[b]) - np.float32(FLOOR_SUBTRACT)  # silence: see there
+            log_mel[b, i] = np.log(max(power, np.float32(FLOOR_MIN))) - log_weight[b]
+    env = np.dot(interp, log_mel)                                                        # [G, N]
     harm, voiced = _harmonics(env, pitch, amp_prev, phase, share, rate, hop, df, w2, lf0_mean, lf0_std)
     spec = np.fft.rfft(_noise_blocks(count[0], n, hop, seed))
     spec *= _gain(env, share, voiced, w2)
