@@ -98,7 +98,8 @@ class BatchedVoice(VoiceSlots):
         self._args: list[tuple | None] = [None] * slots
 
     def warmup(self) -> None:
-        """Run a few hops on a scratch slot so no session pays first-call costs (JIT cache loads, allocations)."""
+        """Run a few hops on a scratch slot so no session pays first-call costs (JIT cache loads, allocations, the
+        thread's BLAS set-up): call it on the thread that will step (the server's worker does)."""
         slot = self.acquire(self.voices[0])
         try:
             for _ in range(3):

@@ -49,6 +49,17 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def warm_up(converter: Converter, hops: int = 3) -> None:
+    """Convert a few hops of silence, then reset: first-call costs (JIT cache loads, allocations) paid before the
+    clock starts. Call it **on the thread that will convert**: a thread's first BLAS call sets up that thread's
+    buffers, ~4 ms (session 22: numba's ``np.dot`` 0.045 ms on the main thread, 3.95 ms on a new thread's first
+    call). Warmed on the main thread instead, the worker's first hop took ~15 ms, past the safety margin: the one
+    underrun (161 samples at 48 kHz) every ``rtvc profile`` run showed."""
+    for _ in range(hops):
+        converter.convert(np.zeros(converter.hop, np.float32))
+    converter.reset()
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """Counters since the engine started, all in client-rate samples unless named otherwise."""

@@ -18,7 +18,7 @@ import numpy as np
 from .config import Config
 from .converter import Converter, DelayConverter
 from .devices import AudioUnavailable, import_sounddevice, resolve_device
-from .engine import EngineStats, StreamEngine, settle_heap
+from .engine import EngineStats, StreamEngine, settle_heap, warm_up
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,8 @@ class LiveSession:
         self._flags = np.zeros(3, dtype=np.int64)  # callbacks, input overflows, output underflows
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="rtvc-worker", daemon=True)
+        self._warm = threading.Event()  # set by the worker once it has warmed its converters (start waits)
+        self._failed: BaseException | None = None
         self._stream = None
 
     # --------------------------------------------------------------------------------------- real-time
@@ -87,6 +89,14 @@ class LiveSession:
             outdata.fill(0.0)
 
     def _work(self) -> None:
+        try:  # on this thread, the one that converts (engine.warm_up says why); start() waits for it
+            for conv in {id(c): c for c in (self.voice, self.engine.converter)}.values():
+                warm_up(conv)
+        except BaseException as e:
+            self._failed = e
+            raise
+        finally:
+            self._warm.set()
         # Poll rather than be signalled: signalling from the callback would take a lock in it.
         nap = self.engine.hop / self.engine.model_rate / 4
         while not self._stop.is_set():
@@ -109,10 +119,10 @@ class LiveSession:
         return name
 
     def start(self) -> None:
-        # Warm the converter (first-call costs: JIT, allocations) before the clock starts.
-        for _ in range(3):
-            self.engine.converter.convert(np.zeros(self.engine.hop, np.float32))
-        self.engine.converter.reset()
+        self._worker.start()  # it warms the converters (first-call costs) before the clock starts
+        self._warm.wait()
+        if self._failed is not None:
+            raise self._failed
         settle_heap()
         latency = self.cfg.audio.device_latency
         self._stream = self.sd.Stream(
@@ -120,7 +130,6 @@ class LiveSession:
             channels=(self._ch + 1, self.cfg.audio.output_channels),
             latency=latency if latency in ("low", "high") else float(latency),
             callback=self._callback)
-        self._worker.start()
         self._stream.start()
 
     def stop(self) -> None:

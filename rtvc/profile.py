@@ -23,7 +23,7 @@ import numpy as np
 from .client import Received, round_trips_ms, stream_array
 from .config import Config
 from .convert import load_converter
-from .engine import StreamEngine, settle_heap
+from .engine import StreamEngine, settle_heap, warm_up
 
 
 def chirp_train(seconds: float, rate: int, period: float = 0.25, length: float = 0.02) -> np.ndarray:
@@ -69,21 +69,23 @@ def profile_local(cfg: Config, seconds: float, rate: int, block_ms: float) -> di
     engine = StreamEngine(conv, rate, cfg.engine, extra_latency=block + round(rate * cfg.engine.safety_ms / 1000))
     x = chirp_train(seconds, rate)
     y = np.zeros_like(x)
-    stop = threading.Event()
+    stop, warm = threading.Event(), threading.Event()
 
     def work() -> None:
+        try:
+            warm_up(conv, 5)  # on the converting thread, before the clock starts (as `rtvc live` does)
+        finally:
+            warm.set()
         while not stop.is_set():
             if engine.step() == 0:
                 time.sleep(0.001)
 
-    for _ in range(5):  # warm the converter (JIT cache loads, first-call allocations) before the clock starts
-        conv.convert(np.zeros(conv.hop, np.float32))
-    conv.reset()
+    w = threading.Thread(target=work, daemon=True)
+    w.start()
+    warm.wait()
     settle_heap()  # as `rtvc live` does: no full garbage collection of the start-up heap mid-stream
     if hasattr(conv, "times"):
         conv.times.samples = {k: [] for k in conv.times.samples}
-    w = threading.Thread(target=work, daemon=True)
-    w.start()
     t0 = time.perf_counter()
     for k in range(x.shape[0] // block):  # the "sound card": a block in, a block out, on the clock
         time.sleep(max(0.0, t0 + (k + 1) * block / rate - time.perf_counter()))
