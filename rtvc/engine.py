@@ -54,7 +54,8 @@ def warm_up(converter: Converter, hops: int = 3) -> None:
     clock starts. Call it **on the thread that will convert**: a thread's first BLAS call sets up that thread's
     buffers, ~4 ms (session 22: numba's ``np.dot`` 0.045 ms on the main thread, 3.95 ms on a new thread's first
     call). Warmed on the main thread instead, the worker's first hop took ~15 ms, past the safety margin: the one
-    underrun (161 samples at 48 kHz) every ``rtvc profile`` run showed."""
+    underrun (161 samples at 48 kHz) every ``rtvc profile`` run showed. Run :func:`settle_heap` before, not
+    after: the first conversion after a full collection took ~10 ms again (in the vocoder; cause not found)."""
     for _ in range(hops):
         converter.convert(np.zeros(converter.hop, np.float32))
     converter.reset()

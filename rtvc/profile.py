@@ -80,10 +80,10 @@ def profile_local(cfg: Config, seconds: float, rate: int, block_ms: float) -> di
             if engine.step() == 0:
                 time.sleep(0.001)
 
+    settle_heap()  # as `rtvc live` does, before the warm-up (see there)
     w = threading.Thread(target=work, daemon=True)
     w.start()
     warm.wait()
-    settle_heap()  # as `rtvc live` does: no full garbage collection of the start-up heap mid-stream
     if hasattr(conv, "times"):
         conv.times.samples = {k: [] for k in conv.times.samples}
     t0 = time.perf_counter()

@@ -330,12 +330,12 @@ class Server:
     async def run(self, ready: asyncio.Future | None = None) -> None:
         c = self.cfg.server
         self._loop = asyncio.get_running_loop()
+        settle_heap()  # before the warm-up, as `rtvc live` does
         self._worker.start()
         while not self._warm.is_set():  # start-up only: the worker warms the runner first
             await asyncio.sleep(0.005)
         if self._failed is not None:
             raise self._failed
-        settle_heap()
         frame_bytes = P.HEADER.size + c.max_frame_samples * 4
         stop = self._loop.create_future()
         for sig in (signal.SIGTERM, signal.SIGINT):
