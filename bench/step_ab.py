@@ -20,7 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# One process' measurement: the default model, the speech-like bench signal, 1 thread, warm-up excluded.
+# One process' measurement: the default model, the speech-like bench signal, 1 thread, warm-up excluded. Inline
+# rather than rtvc.bench.measure: it must run the same on any revision, including ones whose measure differs.
 TIMING = """
 import time, numpy as np, torch
 torch.set_num_threads(1)

@@ -10,6 +10,7 @@ on the weights).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -70,7 +71,6 @@ def measure(model: VoiceModel, seconds: float, threads: int, fused: bool = True,
 
 def cpu_name() -> str:
     """The CPU's model name (Linux /proc/cpuinfo) and core count, for results files: VMs of one kind differ."""
-    import os
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +61,34 @@ def warm_up(converter: Converter, hops: int = 3) -> None:
     for _ in range(hops):
         converter.convert(np.zeros(converter.hop, np.float32))
     converter.reset()
+
+
+class WarmedThread(threading.Thread):
+    """The converting worker of ``rtvc live``, ``serve`` and ``profile``: a daemon thread that first runs ``warm``
+    on itself (a converter must be warmed on the thread that converts: :func:`warm_up`), then ``loop``.
+    :meth:`start_warmed` returns once ``warm`` is done and re-raises its error (``loop`` then never runs)."""
+
+    def __init__(self, warm: Callable[[], None], loop: Callable[[], None], name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._warm_fn, self._loop_fn = warm, loop
+        self._warmed = threading.Event()
+        self._failed: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._warm_fn()
+        except BaseException as e:
+            self._failed = e
+        finally:
+            self._warmed.set()
+        if self._failed is None:
+            self._loop_fn()
+
+    def start_warmed(self) -> None:
+        self.start()
+        self._warmed.wait()
+        if self._failed is not None:
+            raise self._failed
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 from .config import Config
 from .converter import Converter, DelayConverter
 from .devices import AudioUnavailable, import_sounddevice, resolve_device
-from .engine import EngineStats, StreamEngine, settle_heap, warm_up
+from .engine import EngineStats, StreamEngine, WarmedThread, settle_heap, warm_up
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,7 @@ class LiveSession:
         self._mono = np.zeros(max(self.block, 1) * 8 + self.rate, dtype=np.float32)  # >= any callback size
         self._flags = np.zeros(3, dtype=np.int64)  # callbacks, input overflows, output underflows
         self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="rtvc-worker", daemon=True)
-        self._warm = threading.Event()  # set by the worker once it has warmed its converters (start waits)
-        self._failed: BaseException | None = None
+        self._worker = WarmedThread(self._warm_up, self._work, name="rtvc-worker")
         self._stream = None
 
     # --------------------------------------------------------------------------------------- real-time
@@ -88,15 +86,11 @@ class LiveSession:
         else:
             outdata.fill(0.0)
 
+    def _warm_up(self) -> None:
+        for conv in {id(c): c for c in (self.voice, self.engine.converter)}.values():
+            warm_up(conv)
+
     def _work(self) -> None:
-        try:  # on this thread, the one that converts (engine.warm_up says why); start() waits for it
-            for conv in {id(c): c for c in (self.voice, self.engine.converter)}.values():
-                warm_up(conv)
-        except BaseException as e:
-            self._failed = e
-            raise
-        finally:
-            self._warm.set()
         # Poll rather than be signalled: signalling from the callback would take a lock in it.
         nap = self.engine.hop / self.engine.model_rate / 4
         while not self._stop.is_set():
@@ -120,10 +114,7 @@ class LiveSession:
 
     def start(self) -> None:
         settle_heap()  # before the warm-up: the first conversion after a full collection took ~10 ms (session 22)
-        self._worker.start()  # it warms the converters (first-call costs) before the clock starts
-        self._warm.wait()
-        if self._failed is not None:
-            raise self._failed
+        self._worker.start_warmed()  # it warms the converters (first-call costs) before the clock starts
         latency = self.cfg.audio.device_latency
         self._stream = self.sd.Stream(
             device=(self.in_dev, self.out_dev), samplerate=self.rate, blocksize=self.block, dtype="float32",

@@ -23,7 +23,7 @@ import numpy as np
 from .client import Received, round_trips_ms, stream_array
 from .config import Config
 from .convert import load_converter
-from .engine import StreamEngine, settle_heap, warm_up
+from .engine import StreamEngine, WarmedThread, settle_heap, warm_up
 
 
 def chirp_train(seconds: float, rate: int, period: float = 0.25, length: float = 0.02) -> np.ndarray:
@@ -69,21 +69,16 @@ def profile_local(cfg: Config, seconds: float, rate: int, block_ms: float) -> di
     engine = StreamEngine(conv, rate, cfg.engine, extra_latency=block + round(rate * cfg.engine.safety_ms / 1000))
     x = chirp_train(seconds, rate)
     y = np.zeros_like(x)
-    stop, warm = threading.Event(), threading.Event()
+    stop = threading.Event()
 
     def work() -> None:
-        try:
-            warm_up(conv, 5)  # on the converting thread, before the clock starts (as `rtvc live` does)
-        finally:
-            warm.set()
         while not stop.is_set():
             if engine.step() == 0:
                 time.sleep(0.001)
 
     settle_heap()  # as `rtvc live` does, before the warm-up (see there)
-    w = threading.Thread(target=work, daemon=True)
-    w.start()
-    warm.wait()
+    w = WarmedThread(lambda: warm_up(conv, 5), work, name="rtvc-profile-worker")
+    w.start_warmed()  # warmed on the converting thread, before the clock starts (as `rtvc live` does)
     if hasattr(conv, "times"):
         conv.times.samples = {k: [] for k in conv.times.samples}
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ from websockets.http11 import Request, Response
 from . import protocol as P
 from .batch import BatchedVoice, NoFreeSlot, SlotPool
 from .config import Config
-from .engine import StreamEngine, settle_heap
+from .engine import StreamEngine, WarmedThread, settle_heap
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
@@ -93,9 +93,7 @@ class Server:
         self._ids = itertools.count(1)
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._worker = threading.Thread(target=self._work, name="rtvc-batch-worker", daemon=True)
-        self._warm = threading.Event()  # the worker has warmed the runner
-        self._failed: BaseException | None = None
+        self._worker = WarmedThread(getattr(runner, "warmup", lambda: None), self._work, name="rtvc-batch-worker")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._step_ms: deque[float] = deque(maxlen=4096)
         self.totals = {"sessions_total": 0, "frames_in": 0, "frames_out": 0, "dropped_samples": 0, "errors": 0}
@@ -103,14 +101,6 @@ class Server:
     # ------------------------------------------------------------------------------------------ worker
     def _work(self) -> None:
         runner = self.runner
-        try:  # on this thread, the one that converts (rtvc.engine.warm_up says why); run() waits for it
-            if hasattr(runner, "warmup"):
-                runner.warmup()
-        except BaseException as e:
-            self._failed = e
-            raise
-        finally:
-            self._warm.set()
         while not self._stop.is_set():
             ready: list[tuple[Session, np.ndarray]] = []
             for s in list(self.sessions.values()):
@@ -331,11 +321,7 @@ class Server:
         c = self.cfg.server
         self._loop = asyncio.get_running_loop()
         settle_heap()  # before the warm-up, as `rtvc live` does
-        self._worker.start()
-        while not self._warm.is_set():  # start-up only: the worker warms the runner first
-            await asyncio.sleep(0.005)
-        if self._failed is not None:
-            raise self._failed
+        await asyncio.to_thread(self._worker.start_warmed)  # the worker warms the runner on itself first
         frame_bytes = P.HEADER.size + c.max_frame_samples * 4
         stop = self._loop.create_future()
         for sig in (signal.SIGTERM, signal.SIGINT):
