@@ -174,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     lv.add_argument("--passthrough", action="store_true", help="start in passthrough (your own voice)")
     lv.add_argument("--calibrate", metavar="WAV",
                     help="a recording of the speaker (10 s or more of speech): their pitch range is measured first, "
-                         "so the pitch mapping is right from the first word instead of after a few seconds")
+                         "so the pitch mapping is right from the first word instead of after a few seconds; and their "
+                         "mean content, which source centring (vqvae.source_centring) moves to the voices'")
     lv.add_argument("--no-monitor", action="store_true", help="start with the output muted")
     lv.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = run until stopped)")
     lv.add_argument("--stats-json", metavar="FILE", default="", help="write the run's counters as JSON at exit")

@@ -151,8 +151,11 @@ class VQVAEConfig:
     decoder_channels: int
     decoder_layers: int
     encoder_cepstra: int
+    source_centring: float
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.source_centring <= 2.0, "vqvae.source_centring must be in 0..2 (0 = off, 1 = the whole "
+                                                    "measured offset)")
         _check(self.encoder_cepstra >= 0, "vqvae.encoder_cepstra must be >= 0 (0 = the encoder sees the whole mel)")
         for key in ("encoder_channels", "encoder_layers", "kernel_size", "codebook_size", "code_dim",
                     "speaker_dim", "decoder_channels", "decoder_layers"):

@@ -41,7 +41,8 @@ def load_converter(cfg: Config, voice: str | None = None, transpose: float = 0.0
 
 def calibrate(conv: Converter, x: np.ndarray, rate: int) -> bool:
     """Measure the speaker's pitch range in a recording ``x`` [n] at ``rate`` before conversion starts, so the pitch
-    mapping is right from the first second instead of learning it while they speak. A file being converted is
+    mapping is right from the first second instead of learning it while they speak, and their mean content, which
+    source centring moves to the training voices'. A file being converted is
     its own calibration; ``rtvc live --calibrate`` takes one of the live speaker. False (and the converter
     unchanged) when it has too little voiced speech, or there is no voice model to calibrate."""
     from .voice import VoiceConverter
@@ -52,9 +53,12 @@ def calibrate(conv: Converter, x: np.ndarray, rate: int) -> bool:
     x = x[: CALIBRATION_S * rate]  # a couple of minutes pin a speaker's range; frames of more only cost memory
     xm = soxr.resample(x, rate, conv.sample_rate) if rate != conv.sample_rate else x
     try:
-        conv.set_source(measure_pitch(xm, conv.cfg.model))
+        stats = measure_pitch(xm, conv.cfg.model)
     except ValueError:  # too little voiced speech: nothing to calibrate on
         return False
+    conv.set_source(stats)
+    # ... and where their speech sits in content space (source centring: vqvae.source_centring)
+    conv.set_source_content(conv.measure_content(xm))
     return True
 
 

@@ -101,6 +101,9 @@ def enrol(cfg: Config, model_path: str | Path, recordings: str | Path, out: str 
                       total=steps, desc="enrol", unit="step", disable=not progress):
         losses.append(parallel_step(model.vqvae, model.vqvae.decoder, opt, batch)["loss"])
     model.eval()
+    # the decoder learned this speaker's own codes, not centred ones: a calibrated conversion must not move them
+    # (source centring, vqvae.source_centring; untested together with enrolment)
+    model.cfg = model.cfg.replace(**{"vqvae.source_centring": 0.0})
     model.save(out)
     return {"out": str(out), "recordings": len(recs), "voices": voices, "pairs": len(pairs.idx),
             "steps": steps, "loss_first": float(np.mean(losses[:100])), "loss_last": float(np.mean(losses[-100:])),

@@ -243,6 +243,7 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
             # the source's pitch range by the model's own tracker: the calibration a user does once (the DSP
             # baseline likewise knows the source's median F0)
             source_stats = measure_pitch(np.concatenate(wavs), model.cfg.model)
+            source_content = model.measure_content(np.concatenate(wavs))  # ... and its content (source centring)
         ref_emb[spk] = np.mean([metrics.embed(w, rate) for w in wavs], axis=0)
         lf0 = np.concatenate([metrics.world(w, rate)[0] for w in wavs])
         ref_lf0[spk] = float(np.nanmedian(lf0))
@@ -264,7 +265,7 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
         ref = _read(it.refs[tgt], rate)
         _, ref_mc = metrics.world(ref, rate)
         outs: dict[str, tuple[np.ndarray, float]] = {}
-        vc = VoiceConverter(model, tgt, source=source_stats)
+        vc = VoiceConverter(model, tgt, source=source_stats, content=source_content)
         vc.convert(np.zeros(vc.hop, np.float32))  # first-call costs (JIT cache loads) are not conversion time
         vc.reset()
         hop, seconds = vc.hop, x.shape[0] / rate
@@ -274,7 +275,8 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
         outs["dsp baseline"] = _timed(lambda: dsp_baseline(x, rate, ref_lf0[source], ref_lf0[tgt]), seconds)
         outs[CEILING] = _timed(lambda: world_shift(x, rate, ref_lf0[source], ref_lf0[tgt]), seconds)
         if teacher:
-            outs["teacher (offline)"] = _timed(lambda: _teacher_pipeline(model, teacher, x, tgt, source_stats), seconds)
+            outs["teacher (offline)"] = _timed(
+                lambda: _teacher_pipeline(model, teacher, x, tgt, source_stats, source_content), seconds)
         for name, (y, rtf) in outs.items():
             harvest, mc = metrics.world(y, rate)
             lf0 = metrics.contour(y, rate)
@@ -299,6 +301,7 @@ def evaluate(model_path: str | Path, testset: str | Path, out_dir: str | Path, t
     summary = _summarise(rows, systems, targets)
     result = {"command": command, "model": str(model_path), "testset": str(testset), "source": source, "targets": targets,
               "source_pitch": {"ln_f0_mean": source_stats.mean, "ln_f0_std": source_stats.std},
+              "source_centring": _centring(model, source_content),
               "lf0_lag_ms": {name: v * FRAME_MS for name, v in lags.items()},
               "lf0_window_lag_ms": {name: v * FRAME_MS for name, v in window_lag.items()},
               "lf0_corr_by_lag": {name: {f"{k * FRAME_MS:g} ms": round(v, 4) for k, v in enumerate(c)}
@@ -320,6 +323,14 @@ def _summarise(rows: list[dict], systems: list[str], targets: list[str]) -> dict
     return summary
 
 
+def _centring(model, content: np.ndarray) -> dict:
+    """What source centring did in this run: its setting and the length of the shift (0: the model file records
+    no voice content means, or centring is off)."""
+    shift = model.content_shift(content)
+    return {"setting": model.cfg.vqvae.source_centring,
+            "shift_norm": 0.0 if shift is None else float(np.linalg.norm(shift))}
+
+
 def markdown(result: dict) -> str:
     lines = [f"# rtvc eval: `{result['model']}`", "",
              f"Test set `{result['testset']}`: {result['items']} held-out sentences, source voice "
@@ -328,6 +339,10 @@ def markdown(result: dict) -> str:
              *([f"The source's pitch range (ln F0 {sp['ln_f0_mean']:.3f} ± {sp['ln_f0_std']:.3f}, {math.exp(sp['ln_f0_mean']):.0f} "
                 f"Hz) is measured once over its test utterances by the model's tracker, as a user calibrates; the "
                 f"DSP baseline likewise knows the source's median F0.", ""] if (sp := result.get("source_pitch")) else []),
+             *([f"Its mean content over the same utterances is measured too: source centring (vqvae.source_centring "
+                f"{sc['setting']:g}) moved its encoder output by {sc['shift_norm']:.2f} towards the training "
+                f"voices'.", ""]
+               if (sc := result.get("source_centring")) else []),
              *([f"log-F0 correlation: output contour against the source's, both by RAPT, at the system's measured "
                 f"contour delay, the lag (0-{MAX_LAG_MS:g} ms) at which its mean correlation peaks ("
                 + ", ".join(f"{k} {v:g} ms" for k, v in lags.items()) + "); without that alignment: "
@@ -372,12 +387,12 @@ def _load_teacher(path: str | Path, model):
     return t.eval()
 
 
-def _teacher_pipeline(model, teacher, x: np.ndarray, voice: str, source=None) -> np.ndarray:
+def _teacher_pipeline(model, teacher, x: np.ndarray, voice: str, source=None, content=None) -> np.ndarray:
     """Offline: the same frontend / pitch mapping / VQ-VAE without state, vocoded by the non-causal teacher with
     the voice model's voicing (its ``[student] voice_bar_*``: the two pipelines differ only in the vocoder)."""
     import torch
     from .voice import VoiceConverter
-    vc = VoiceConverter(model, voice, fused=False, source=source)
+    vc = VoiceConverter(model, voice, fused=False, source=source, content=content)
     vc.model.stop_streaming()
     n = x.shape[0]
     with torch.no_grad():

@@ -31,7 +31,7 @@ from .frontend import PitchStats
 from .phones import PhoneHead, PhoneTargets
 from .vocoder import Discriminator, MultiResolutionSTFTLoss, Student, Teacher
 from .voice import VoiceModel
-from .vqvae import VQVAE
+from .vqvae import VQVAE, content_mean
 
 STAGES = ("vqvae", "teacher", "student")
 # [train] keys only the VQ-VAE stage reads (its augmentation, adversary and phone loss): an exported model records
@@ -171,6 +171,7 @@ class StageRunner:
         self.optims: dict[str, torch.optim.Optimizer] = {}
         self.loaded: set[str] = set()  # the models resume() reloaded from the checkpoint
         self.unsaved: set[str] = set()  # models left out of the checkpoint for now (a phone head still warming up)
+        self.extra_stats: dict = {}  # what a stage measures of its trained model for the voice-model file
         self.step = 0
 
     def add(self, name: str, model: nn.Module, train: bool = True) -> nn.Module:
@@ -183,7 +184,8 @@ class StageRunner:
     def stats(self) -> dict:
         c = self.corpus
         return {"speakers": c.speakers, "mel_mean": c.mel_mean.tolist(), "mel_std": c.mel_std.tolist(),
-                "pitch": {k: [v.mean, v.std] for k, v in c.pitch.items()}, "prior": [c.prior.mean, c.prior.std]}
+                "pitch": {k: [v.mean, v.std] for k, v in c.pitch.items()}, "prior": [c.prior.mean, c.prior.std],
+                **self.extra_stats}
 
     def resume(self) -> None:
         """Continue from the stage's checkpoint. Its [model] config must match, unless ``finetune``: then a
@@ -283,7 +285,8 @@ def stage_from_voice_model(path: str | Path, stage: str) -> dict:
         raise CheckpointError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
     ck = load_checkpoint(path, kind="voice_model")
     stats = {"speakers": ck["speakers"], "mel_mean": ck["frontend"]["mel_mean"].tolist(),
-             "mel_std": ck["frontend"]["mel_std"].tolist(), "pitch": ck["pitch"], "prior": ck["prior"]}
+             "mel_std": ck["frontend"]["mel_std"].tolist(), "pitch": ck["pitch"], "prior": ck["prior"],
+             "content": ck.get("content", {})}
     return {"kind": stage, "config": ck["config"], "step": 0, "stats": stats,
             "models": {stage: ck[stage]} if stage in ck else {}, "optims": {}}
 
@@ -380,7 +383,27 @@ def train_vqvae(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: int
         dec = r.wrap(model.decoder)
         step = lambda batch: parallel_step(model, dec, opt, batch)
     r.loop(steps or cfg.train.vqvae_steps, cfg.train.segment_hops, False, step, validate, progress, batches)
+    if d.main:  # the voices' mean content, which source centring moves a measured source to (vqvae.source_centring)
+        r.extra_stats["content"] = voice_content_means(model, r.corpus)
+        r.save()
+    r.sync()
     return r.path
+
+
+def voice_content_means(model: VQVAE, corpus: Corpus, per_voice: int = 50) -> dict[str, list[float]]:
+    """Each voice's mean content [code_dim] (:func:`rtvc.vqvae.content_mean`) over up to ``per_voice`` of its
+    training utterances, clean (no augmentation): speaker -> list."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    for k, name in enumerate(corpus.speakers):
+        utts = [u for u in corpus.utts if u["spk"] == k and u["split"] == "train"][:per_voice]
+        if utts:
+            mels = (torch.from_numpy(u["mel"]).to(device) for u in utts)
+            out[name] = content_mean(model.encoder, mels).cpu().tolist()
+    model.train(was)
+    return out
 
 
 class PhoneWarmup:
@@ -643,7 +666,8 @@ def export_voice_model(ckpt_dir: str | Path, out: str | Path, settings: Iterable
     cfg = cfg.replace(**{f"train.{k}": getattr(vq_cfg.train, k) for k in VQVAE_TRAIN_KEYS})
     cfg = cfg.replace(**dict(parse_override(text) for text in settings))
     s = vq["stats"]
-    model = VoiceModel(cfg, s["speakers"], {k: PitchStats(*v) for k, v in s["pitch"].items()}, PitchStats(*s["prior"]))
+    model = VoiceModel(cfg, s["speakers"], {k: PitchStats(*v) for k, v in s["pitch"].items()}, PitchStats(*s["prior"]),
+                       s.get("content"))
     model.vqvae.load_state_dict(vq["models"]["vqvae"])
     model.student.load_state_dict(st["models"]["student"])
     model.frontend.mel_mean.copy_(torch.tensor(s["mel_mean"]))

@@ -22,7 +22,7 @@ from .config import Config
 from .frontend import Frontend, PitchStats, SourcePitch, stream_numpy
 from .streaming import StreamingModule
 from .vocoder import Student
-from .vqvae import VQVAE
+from .vqvae import VQVAE, content_mean
 
 
 STAGES = ("frontend", "pitch", "encoder", "vq", "decoder", "encoder+vq+decoder (fused)", "vocoder")  # profiled
@@ -38,11 +38,15 @@ class StageTimes:
 class VoiceModel(StreamingModule):
     """The streaming stack's modules, built from a config (what a voice-model file holds)."""
 
-    def __init__(self, cfg: Config, speakers: list[str], pitch: dict[str, PitchStats], prior: PitchStats) -> None:
+    def __init__(self, cfg: Config, speakers: list[str], pitch: dict[str, PitchStats], prior: PitchStats,
+                 content: dict[str, list[float]] | None = None) -> None:
+        """``content``: each voice's mean content vector [code_dim] (:func:`rtvc.vqvae.content_mean` over its
+        training recordings), the reference a measured source is centred on; empty for a model saved without."""
         super().__init__()
         if not speakers:
             raise ValueError("a voice model needs at least one speaker")
         self.cfg, self.speakers, self.pitch, self.prior = cfg, list(speakers), dict(pitch), prior
+        self.content = {k: np.asarray(v, np.float32) for k, v in (content or {}).items()}
         self.frontend = Frontend(cfg.model)
         self.vqvae = VQVAE(cfg.model.n_mels, len(speakers), cfg.vqvae)
         self.student = Student(cfg.model, cfg.student)
@@ -59,6 +63,27 @@ class VoiceModel(StreamingModule):
         ones if given, else :attr:`source_prior`."""
         return (source, True) if source is not None else (self.source_prior, False)
 
+    @torch.no_grad()
+    def measure_content(self, wav: np.ndarray) -> np.ndarray:
+        """A source recording [n] at the model rate -> its mean content vector [code_dim] over speech frames (a
+        calibration, like :func:`rtvc.frontend.measure_pitch`)."""
+        hop = self.cfg.model.hop_length
+        if self.vqvae.encoder.is_streaming:  # a streaming encoder would take the recording as the stream's past
+            raise RuntimeError("measure_content needs the model out of streaming mode (VoiceConverter.measure_content)")
+        x = torch.from_numpy(np.pad(np.asarray(wav, np.float32), (0, (-wav.shape[0]) % hop)))[None]
+        mel, _ = self.frontend(x)
+        return content_mean(self.vqvae.encoder, [mel[0]]).numpy()
+
+    def content_shift(self, source: np.ndarray | None) -> np.ndarray | None:
+        """What source centring adds to a measured source's encoder output [code_dim]: ``vqvae.source_centring``
+        x (the voices' mean content - the source's); None when the source or the voices' means were not measured
+        or centring is off."""
+        k = self.cfg.vqvae.source_centring
+        if source is None or not self.content or k == 0:
+            return None
+        ref = np.mean(np.stack(list(self.content.values())), 0)
+        return (k * (ref - np.asarray(source, np.float32))).astype(np.float32)
+
     def speaker_id(self, name: str) -> int:
         if name not in self.speakers:
             raise KeyError(f"unknown voice '{name}'; this model has: {', '.join(self.speakers)}")
@@ -67,6 +92,7 @@ class VoiceModel(StreamingModule):
     def state_for_file(self) -> dict:
         return {"kind": "voice_model", "config": self.cfg.to_dict(), "speakers": self.speakers,
                 "pitch": {k: [v.mean, v.std] for k, v in self.pitch.items()}, "prior": [self.prior.mean, self.prior.std],
+                "content": {k: v.tolist() for k, v in self.content.items()},
                 "frontend": self.frontend.state_dict(), "vqvae": self.vqvae.state_dict(),
                 "student": self.student.state_dict()}
 
@@ -77,7 +103,7 @@ class VoiceModel(StreamingModule):
     def load(cls, path: str | Path) -> "VoiceModel":
         ck = load_checkpoint(path, kind="voice_model")
         m = cls(Config.from_saved(ck["config"]), ck["speakers"],
-                {k: PitchStats(*v) for k, v in ck["pitch"].items()}, PitchStats(*ck["prior"]))
+                {k: PitchStats(*v) for k, v in ck["pitch"].items()}, PitchStats(*ck["prior"]), ck.get("content"))
         m.frontend.load_state_dict(ck["frontend"])
         m.vqvae.load_state_dict(ck["vqvae"])
         m.student.load_state_dict(ck["student"])
@@ -89,9 +115,11 @@ class VoiceConverter:
 
     def __init__(self, model: VoiceModel, voice: str | None = None, transpose: float = 0.0,
                  device: str | torch.device = "cpu", profile: bool = False, fused: bool = True,
-                 source: PitchStats | None = None) -> None:
+                 source: PitchStats | None = None, content: np.ndarray | None = None) -> None:
         """``source``: the speaker's measured pitch statistics (:func:`rtvc.frontend.measure_pitch`), if known;
-        otherwise the pitch mapping learns them while they speak."""
+        otherwise the pitch mapping learns them while they speak. ``content``: their measured mean content
+        (:meth:`VoiceModel.measure_content`), if known: the encoder's output is then centred on the training
+        voices' (:meth:`VoiceModel.content_shift`)."""
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         cfg = model.cfg.model
@@ -99,6 +127,7 @@ class VoiceConverter:
         self.source = source
         self.source_pitch = SourcePitch(cfg, *model.pitch_prior(source))
         self.transpose = float(transpose)
+        self._set_shift(content)
         self._set_voice(voice or model.speakers[0])
         self.profile, self.times = profile, StageTimes()
         self.model.start_streaming(1)
@@ -114,6 +143,12 @@ class VoiceConverter:
             self._spk = self.model.vqvae.speakers.weight[idx:idx + 1].detach().clone()
         self._target = self.model.pitch.get(voice, self.model.prior)
         self._fused_args = None  # speaker biases changed / maybe a copied model
+
+    def _set_shift(self, content: np.ndarray | None) -> None:
+        shift = self.model.content_shift(content)
+        self.content = content
+        self._shift = None if shift is None else torch.from_numpy(shift).to(self.device)
+        self._fused_args = None  # the fused step's codebook norms carry the shift
 
     def with_voice(self, voice: str, transpose: float | None = None) -> "VoiceConverter":
         """A converter for another voice that *continues* this one's streaming state (for a crossfade)."""
@@ -148,7 +183,7 @@ class VoiceConverter:
         t = self._tick("pitch", t)
         z = m.vqvae.encoder(mel)
         t = self._tick("encoder", t)
-        zf = z[0].t()
+        zf = z[0].t() if self._shift is None else z[0].t() + self._shift
         q = m.vqvae.vq.codebook[m.vqvae.vq.nearest(zf)].t()[None]
         t = self._tick("vq", t)
         mel_hat = m.vqvae.decoder(q, self._spk, pitch_t)
@@ -162,7 +197,7 @@ class VoiceConverter:
     def _run_fused(self, x: np.ndarray) -> np.ndarray:
         """:meth:`_run` streaming on the CPU for this one stream (:func:`fused_step`): x [N*hop] -> [N*hop]."""
         if self._fused_args is None:
-            self._fused_args = fused_args(self.model, self._spk, 0)
+            self._fused_args = fused_args(self.model, self._spk, 0, self._shift)
         return fused_step(x, self._fused_args, lambda fr: self.source_pitch(fr, self._target, self.transpose),
                           self._tick)
 
@@ -184,6 +219,21 @@ class VoiceConverter:
         self.source = source
         self.source_pitch.set_prior(*self.model.pitch_prior(source))
 
+    def set_source_content(self, content: np.ndarray | None) -> None:
+        """A newly measured (or forgotten: None) source mean content [code_dim]: source centring follows it."""
+        self._set_shift(content)
+
+    def measure_content(self, x: np.ndarray) -> np.ndarray:
+        """The mean content [code_dim] of a recording ``x`` [n] at the model rate (:meth:`VoiceModel.measure_content`).
+        The encoder runs offline for it, so the stream restarts (as after :meth:`reset`): measure before converting."""
+        self.model.stop_streaming()
+        try:
+            return self.model.measure_content(x)
+        finally:
+            self.model.start_streaming(1)
+            self._fused_args = None  # new state tensors
+            self.source_pitch.reset()
+
     def convert_offline(self, x: np.ndarray) -> np.ndarray:
         """Whole utterance [n] (padded to whole hops, then trimmed back) in one offline forward, no state.
 
@@ -202,9 +252,11 @@ class VoiceConverter:
             self.source_pitch = saved
 
 
-def _frame_args(model: VoiceModel, spk: torch.Tensor, slot: int) -> tuple:
+def _frame_args(model: VoiceModel, spk: torch.Tensor, slot: int, shift: torch.Tensor | None = None) -> tuple:
     """(encoder args, codebook, ||codebook||^2, decoder args) for :func:`kernels.frame_stack.frame_convert`,
-    bound to batch slot ``slot`` of the streaming state and speaker embedding ``spk`` [1, S]."""
+    bound to batch slot ``slot`` of the streaming state and speaker embedding ``spk`` [1, S]. ``shift``
+    [code_dim]: source centring. The nearest code to z + s minimises ||c||^2 - 2 c.s - 2 c.z, so the shift
+    folds into the norms the kernel already subtracts from: no cost per frame."""
     from kernels.frame_stack import stack_args
     v = model.vqvae
     enc = [v.encoder.inp, *(b.conv for b in v.encoder.blocks), v.encoder.out]
@@ -212,18 +264,20 @@ def _frame_args(model: VoiceModel, spk: torch.Tensor, slot: int) -> tuple:
     with torch.no_grad():
         spk_bias = v.decoder.spk(spk).reshape(-1, v.decoder.inp.c_out).numpy()
         cb = v.vq.codebook.detach().contiguous().numpy()
+    norms = (cb * cb).sum(1) if shift is None else (cb * cb).sum(1) - 2.0 * cb @ shift.cpu().numpy()
     return (stack_args(enc, np.zeros((len(enc) - 1, v.encoder.inp.c_out), np.float32), slot),
-            cb, (cb * cb).sum(1), stack_args(dec, spk_bias, slot))
+            cb, norms.astype(np.float32), stack_args(dec, spk_bias, slot))
 
 
-def fused_args(model: VoiceModel, spk: torch.Tensor, slot: int) -> tuple:
+def fused_args(model: VoiceModel, spk: torch.Tensor, slot: int, shift: torch.Tensor | None = None) -> tuple:
     """Everything :func:`fused_step` needs for batch slot ``slot`` of the streaming model and speaker embedding
     ``spk`` [1, S]: numpy views of the slot's state (so the torch path and this one alternate mid-stream) and
-    of the weights. Rebuild after the state tensors are replaced (``start_streaming``) or the speaker changes."""
+    of the weights. Rebuild after the state tensors are replaced (``start_streaming``) or the speaker changes.
+    ``shift``: source centring (:func:`_frame_args`)."""
     from kernels.student_step import student_args
     lifter = model.vqvae.encoder.lifter
     return (model.frontend.numpy_args(slot), None if lifter is None else lifter.numpy(),
-            _frame_args(model, spk, slot), student_args(model.student, slot))
+            _frame_args(model, spk, slot, shift), student_args(model.student, slot))
 
 
 def fused_step(x: np.ndarray, args: tuple, pitch_of, tick) -> np.ndarray:

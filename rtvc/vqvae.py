@@ -5,6 +5,8 @@ All convs are causal (:class:`CausalConv1d`), so one 10 ms hop in gives one mel 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import scipy.fft
 import torch
@@ -182,6 +184,27 @@ class Decoder(StreamingModule):
         for blk, bias in zip(self.blocks, biases[1:]):
             x = blk(x, bias)
         return self.out(F.leaky_relu(x, 0.2))
+
+
+def speech_frames(mel: torch.Tensor) -> torch.Tensor:
+    """mel [n_mels, T] (normalised log-mel) -> bool [T]: frames whose mean over bins is above the recording's 30th
+    percentile. A content mean is taken over these, so that how much pause a recording holds does not move it."""
+    level = mel.mean(0)
+    return level > torch.quantile(level, 0.3)
+
+
+@torch.no_grad()
+def content_mean(encoder: Encoder, mels: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The encoder's mean output [code_dim] over the speech frames (:func:`speech_frames`) of recordings, each
+    a normalised log-mel [n_mels, T]: where in content space a speaker sits (source centring, model card)."""
+    total, n = None, 0
+    for mel in mels:
+        z = encoder(mel[None])[0][:, speech_frames(mel)]
+        total = z.sum(1) if total is None else total + z.sum(1)
+        n += z.shape[1]
+    if not n:
+        raise ValueError("no speech frames to measure a content mean on")
+    return total / n
 
 
 class VQVAE(StreamingModule):

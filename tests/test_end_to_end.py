@@ -70,6 +70,8 @@ def test_synth_prepare_train_convert(tmp_path):
     assert a.speakers == b.speakers
     moved = {k for k, v in a.state_dict().items() if not torch.equal(v, b.state_dict()[k])}
     assert moved and all(k.startswith("vqvae.decoder.") for k in moved), moved
+    # its decoder learned this speaker's own codes: the file keeps the voices' content means, centring off
+    assert sorted(b.content) == sorted(a.content) and b.cfg.vqvae.source_centring == 0.0
     rtvc("convert", str(src), str(dst), "--voice", "slt", "--model", str(mine))
     # a recording without its text, and a voice the model lacks, are refused with what to do
     sf.write(str(enrol / "extra.wav"), np.zeros(24000, np.float32), 24000)

@@ -207,6 +207,42 @@ def test_fused_cpu_kernel_equals_torch_streaming(cepstra):
                                plain.convert(x[61 * hop: 62 * hop]))[1], atol=TOL)
 
 
+def test_source_centring():
+    """A measured source's content shift (vqvae.source_centring): the fused kernel (the shift folded into its code
+    norms) == the torch streaming path == offline; it changes the output; it is off without voice content means,
+    at setting 0, and for an unmeasured source; calibrate() measures it from a recording."""
+    from rtvc.convert import calibrate
+    model = make_voice_model(CFG, ["a", "b"], seed=4)
+    x = _speech_like(1.0, CFG.model.sample_rate, 4)
+    hop = CFG.model.hop_length
+    x = x[: 60 * hop]
+    assert model.content_shift(np.zeros(CFG.vqvae.code_dim)) is None  # a file without voice content means
+    rng = np.random.default_rng(0)
+    model.content = {v: rng.standard_normal(CFG.vqvae.code_dim).astype(np.float32) for v in model.speakers}
+    src = model.measure_content(x)
+    shift = model.content_shift(src)
+    np.testing.assert_allclose(shift, np.mean(list(model.content.values()), 0) - src, rtol=1e-5, atol=1e-6)
+    fused = VoiceConverter(model, "b", fused=True, content=src)
+    plain = VoiceConverter(make_voice_model(CFG, ["a", "b"], seed=4), "b", fused=False)
+    plain.model.content = model.content
+    plain.set_source_content(src)
+    a = np.concatenate([fused.convert(x[i * hop:(i + 2) * hop]) for i in range(0, 60, 2)])
+    b = np.concatenate([plain.convert(x[i * hop:(i + 2) * hop]) for i in range(0, 60, 2)])
+    assert np.abs(a - b).max() <= TOL
+    assert np.abs(fused.convert_offline(x) - a).max() <= TOL
+    plain.set_source_content(None)
+    plain.reset()
+    unshifted = np.concatenate([plain.convert(x[i * hop:(i + 2) * hop]) for i in range(0, 60, 2)])
+    assert np.abs(unshifted - a).max() > 1e-3, "degenerate test: the shift changed no code"
+    off = make_voice_model(CFG.replace(**{"vqvae.source_centring": 0.0}), ["a"], seed=4)
+    off.content = {"a": np.ones(CFG.vqvae.code_dim, np.float32)}
+    assert off.content_shift(src) is None
+    vc = VoiceConverter(model, "a")
+    assert vc.content is None and vc._shift is None
+    assert calibrate(vc, x, CFG.model.sample_rate)
+    np.testing.assert_allclose(vc.content, src, atol=1e-5)
+
+
 def test_encoder_lifter():
     """vqvae.encoder_cepstra: the encoder's input keeps a smooth envelope and loses a harmonic ripple 2-3 mel bins
     apart (a low voice's resolved harmonics); it is a projection; 0 or >= n_mels leaves the mel as it is."""

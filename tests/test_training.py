@@ -40,6 +40,9 @@ def test_all_stages_train_resume_and_export(prepared, tmp_path):
         assert (ck / "samples" / name).is_file(), name
     model = VoiceModel.load(ck / "model.pt")
     assert model.speakers == ["high", "low", "mid"]
+    # the VQ-VAE stage measured its voices' mean content for source centring, and the file carries it
+    assert sorted(model.content) == model.speakers
+    assert all(v.shape == (cfg.vqvae.code_dim,) and np.isfinite(v).all() for v in model.content.values())
     y = VoiceConverter(model, "low").convert(np.zeros(model.cfg.model.hop_length * 3, np.float32))
     assert y.shape == (model.cfg.model.hop_length * 3,) and np.isfinite(y).all()
     export_voice_model(ck, tmp_path / "again.pt")
