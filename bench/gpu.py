@@ -1,6 +1,6 @@
 """GPU benchmarks of the custom ops and the captured streaming step (run on the device machine).
 
-    python bench/gpu.py                      # on a CUDA machine: bench/results/gpu_<device>.json
+    python bench/gpu.py                      # on a CUDA machine: bench/results/gpu/gpu_<device>.json
     python bench/gpu.py --device cpu --quick # smoke run of the same code on CPU (small sizes)
 
 Measures: each custom op against its torch-eager composite; the streaming step (GraphStep) at batch 1, 8, 64, 256,
@@ -114,7 +114,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of the same code")
     p.add_argument("--reps", type=int, default=200)
-    p.add_argument("--out", help="JSON path (default bench/results/gpu_<device>.json)")
+    p.add_argument("--out", help="JSON path (default bench/results/gpu/gpu_<device>.json)")
     a = p.parse_args()
     device = torch.device(a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
@@ -129,7 +129,7 @@ def main() -> None:
     print(f"largest batch with step p99 <= 5 ms: {result['realtime_streams_p99_le_5ms']} streams")
     for k, v in result["vocoders"].items():
         print(f"{k:<24} {v['params'] / 1e6:.2f}M params: {v['x_realtime']:.1f}x real time offline")
-    path = Path(a.out or Path(__file__).parent / "results" / f"gpu_{name.replace(' ', '_')}.json")
+    path = Path(a.out or Path(__file__).parent / "results" / "gpu" / f"gpu_{name.replace(' ', '_')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(f"saved {path}")

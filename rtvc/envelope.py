@@ -162,9 +162,12 @@ class EnvelopeSynth(StreamingModule):
         r = torch.arange(1, hop + 1, device=mel.device, dtype=torch.float32) / hop          # [hop]
         phase = run_phase(f0, hop, self.rate, st)                                            # [B, T] float64
         # sin((k+1) p) by the Chebyshev recurrence in float64, as the numba path (and ~10x cheaper than K sines
-        # of a [B, K, T] argument); on CPU only up to the highest harmonic that sounds in this chunk
-        sounding = ((amp > 0) | (amp_prev > 0)).any(2).any(0).nonzero()
-        top = self.K if mel.is_cuda else (int(sounding.max()) + 1 if sounding.numel() else 0)
+        # of a [B, K, T] argument); on CPU only up to the highest harmonic that sounds in this chunk (on a GPU all K:
+        # finding that top is a device->host sync, which a CUDA graph cannot capture)
+        top = self.K
+        if not mel.is_cuda:
+            sounding = ((amp > 0) | (amp_prev > 0)).any(2).any(0).nonzero()
+            top = int(sounding.max()) + 1 if sounding.numel() else 0
         p = torch.remainder(phase, 2.0 * math.pi)
         c2, s_prev, s_cur = 2.0 * torch.cos(p), torch.zeros_like(p), torch.sin(p)
         harm = torch.zeros_like(p)

@@ -228,6 +228,7 @@ class GraphRunner(VoiceSlots):
     def __init__(self, model: VoiceModel, slots: int, device: str | torch.device) -> None:
         super().__init__(model, slots)
         self.step_ = GraphStep(model, slots, device)
+        self.device = self.step_.device
         self._dirty = True
         self._active = torch.zeros(slots, dtype=torch.bool)
 

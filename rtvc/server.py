@@ -40,6 +40,7 @@ class PassthroughBatch:
 
     voices = ["passthrough"]
     name = "passthrough (no voice model)"
+    device = "cpu"
 
     def __init__(self, cfg: Config, slots: int) -> None:
         self.hop, self.sample_rate, self.latency, self.capacity = cfg.model.hop_length, cfg.model.sample_rate, 0, slots
@@ -373,5 +374,6 @@ def make_runner(cfg: Config):
 def serve_forever(cfg: Config) -> None:
     runner = make_runner(cfg)
     print(f"rtvc serve: ws://{cfg.server.host}:{cfg.server.port}{P.PATH}  (voices: {', '.join(runner.voices)}; "
-          f"{'PASSTHROUGH: no voice model configured' if isinstance(runner, PassthroughBatch) else 'model ' + cfg.paths.model})")
+          f"{'PASSTHROUGH: no voice model configured' if isinstance(runner, PassthroughBatch) else 'model ' + cfg.paths.model}; "
+          f"{type(runner).__name__} on {runner.device}, {cfg.server.max_sessions} slots)")
     asyncio.run(Server(cfg, runner).run())

@@ -379,7 +379,10 @@ def test_sigterm_flushes_and_closes_1001(tmp_path):
     url = f"ws://127.0.0.1:{port}{P.PATH}"
 
     async def main():
-        for _ in range(200):
+        # the server loads the model and warms it up first: ~2 s on CPU, longer on a GPU (CUDA and numba.cuda
+        # initialisation, graph capture); 10 s was too short on the device machine
+        for _ in range(1200):
+            assert proc.poll() is None, proc.stdout.read()
             try:
                 async with connect(url) as ws:
                     break
