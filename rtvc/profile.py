@@ -142,7 +142,13 @@ def profile_server(url: str, seconds: float, rate: int, block_ms: float, token: 
         drops = sum(r["end"].get("dropped_samples", 0) or 0 for r in runs)
         p99 = float(np.percentile(np.concatenate([r["rtt"] for r in runs]), 99))
         ok = drops == 0 and p99 <= one["latency_ms"] + backlog_ms + 2 * block_ms
-        out["capacity"].append({"clients": n, "dropped_samples": int(drops), "round_trip_p99_ms": p99, "real_time": ok})
+        # the batched step's time as the sessions saw it (the server's own measure): tells a slow step from
+        # a slow event loop or client when capacity runs out
+        steps = [r["end"].get("compute_ms") or {} for r in runs]
+        p50s, p99s = [c["p50"] for c in steps if "p50" in c], [c["p99"] for c in steps if "p99" in c]
+        out["capacity"].append({"clients": n, "dropped_samples": int(drops), "round_trip_p99_ms": p99, "real_time": ok,
+                                "server_step_ms_p50": float(np.median(p50s)) if p50s else None,
+                                "server_step_ms_p99": float(max(p99s)) if p99s else None})
         if not ok:
             break
         n *= 2
@@ -244,7 +250,9 @@ def describe(result: dict) -> str:
                      f"{_ms(r['measured_delay_ms'])}, round trip p50 {q['p50']:.2f} p95 {q['p95']:.2f} "
                      f"p99 {q['p99']:.2f} ms, dropped {r['dropped_samples']}")
         for c in r["capacity"]:
+            step = (f", server step p50 {c['server_step_ms_p50']:.2f} p99 {c['server_step_ms_p99']:.2f} ms"
+                    if c.get("server_step_ms_p50") is not None else "")
             lines.append(f"  {c['clients']:>4} clients: round trip p99 {c['round_trip_p99_ms']:.1f} ms, dropped "
-                         f"{c['dropped_samples']} -> {'real time' if c['real_time'] else 'NOT real time'}")
+                         f"{c['dropped_samples']}{step} -> {'real time' if c['real_time'] else 'NOT real time'}")
         lines.append(f"  largest real-time client count tried: {r['max_realtime_clients']}")
     return "\n".join(lines)

@@ -84,8 +84,9 @@ class StreamingModule(nn.Module):
                 full[idx] = getattr(st, name)
                 setattr(st, name, full)
 
-    def reset_streaming(self, slots: torch.Tensor | list[int] | None = None) -> None:
-        """Zero the state of the given batch slots (all when None): a new stream starts in those slots."""
+    def reset_streaming(self, slots: torch.Tensor | list[int] | int | None = None) -> None:
+        """Zero the state of the given batch slots (all when None): a new stream starts in those slots. One ``int``
+        slot costs no host->device copy (a list becomes an index tensor first: one small copy per state tensor)."""
         for m in self._streaming_children():
             st = m._state
             if st is None:
@@ -94,6 +95,8 @@ class StreamingModule(nn.Module):
                 if isinstance(t, torch.Tensor):
                     if slots is None:
                         t.zero_()
+                    elif isinstance(slots, int):
+                        t[slots].zero_()
                     else:
                         t[slots] = 0
 
