@@ -51,14 +51,16 @@ def _stack(x, ws, bs, pasts, ks, ds, bias, cols):  # pragma: no cover - numba
 
 
 @njit(cache=True, nogil=True)
-def frame_convert(mel, pitch, enc, codebook, cb_norm, dec, out):  # pragma: no cover - numba
-    """mel [n_mels, T], pitch [2, T] -> decoder mel ``out`` [n_mels, T], frame by frame (streaming)."""
+def frame_convert(mel, pitch, enc, codebook, cb_norm, dec, out, zout):  # pragma: no cover - numba
+    """mel [n_mels, T], pitch [2, T] -> decoder mel ``out`` [n_mels, T], frame by frame (streaming); the encoder's
+    output (before the quantizer, unshifted) goes to ``zout`` [code_dim, T]."""
     ews, ebs, eps, eks, eds, ebias, ecols = enc
     dws, dbs, dps, dks, dds, dbias, dcols = dec
     code_dim = codebook.shape[1]
     zin = np.empty(code_dim + 2, np.float32)
     for t in range(mel.shape[1]):
         z = _stack(np.ascontiguousarray(mel[:, t]), ews, ebs, eps, eks, eds, ebias, ecols)
+        zout[:, t] = z
         best = np.argmin(cb_norm - 2.0 * np.dot(codebook, z))  # squared distance without the constant ||z||^2
         zin[:code_dim] = codebook[best]
         zin[code_dim:] = pitch[:, t]

@@ -9,10 +9,12 @@ disturb the others. Per-slot pitch mapping (numpy) and target voice / transpose 
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import numpy as np
 import torch
 
+from .centring import ContentLearner
 from .frontend import SourcePitch
 from .voice import VoiceModel, fused_args, fused_step
 
@@ -85,7 +87,10 @@ class VoiceSlots:
 
 
 class BatchedVoice(VoiceSlots):
-    def __init__(self, model: VoiceModel, slots: int, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: VoiceModel, slots: int, device: str | torch.device = "cpu",
+                 learner: Callable[[], ContentLearner | None] | None = None) -> None:
+        """``learner``: makes each new session's :class:`rtvc.centring.ContentLearner` (source centring learned
+        while they speak; the fused CPU path only)."""
         super().__init__(model.to(device).eval(), slots)
         self.device = torch.device(device)
         self.cfg = model.cfg
@@ -96,6 +101,9 @@ class BatchedVoice(VoiceSlots):
         # at these sizes is op dispatch (the GPU issue batches with custom kernels instead)
         self.fused = self.device.type == "cpu"
         self._args: list[tuple | None] = [None] * slots
+        self._new_learner = learner if self.fused else None
+        self._learner: list[ContentLearner | None] = [None] * slots
+        self._shift: list[torch.Tensor | None] = [None] * slots  # each session's source-centring shift
 
     def warmup(self) -> None:
         """Run a few hops on a scratch slot so no session pays first-call costs (JIT cache loads, allocations, the
@@ -120,6 +128,9 @@ class BatchedVoice(VoiceSlots):
             m.reset_streaming(fresh)
             for s in fresh:
                 self._pitch[s].reset()
+                self._learner[s] = self._new_learner() if self._new_learner else None
+                if self._shift[s] is not None:
+                    self._shift[s], self._args[s] = None, None
         if self.fused:
             return self._step_fused(slots, np.ascontiguousarray(hops, dtype=np.float32))
         idx = torch.as_tensor(slots, dtype=torch.long, device=self.device)
@@ -151,8 +162,15 @@ class BatchedVoice(VoiceSlots):
         for i, s in enumerate(slots):
             if self._args[s] is None:
                 v = int(self._voice[s])
-                self._args[s] = fused_args(self.model, self.model.vqvae.speakers.weight[v:v + 1].detach(), s)
-            out[i] = fused_step(hops[i], self._args[s], lambda fr, s=s: self._pitch_of(s, fr), _no_tick)
+                self._args[s] = fused_args(self.model, self.model.vqvae.speakers.weight[v:v + 1].detach(), s,
+                                           self._shift[s])
+            out[i], mel, z = fused_step(hops[i], self._args[s], lambda fr, s=s: self._pitch_of(s, fr), _no_tick)
+            learner = self._learner[s]
+            if learner is not None:  # as VoiceConverter.convert does for one stream
+                content = learner.push(z.T, mel.mean(0), self._pitch[s].last_voiced)
+                if content is not None:
+                    self._shift[s] = torch.from_numpy(self.model.content_shift(content))
+                    self._args[s] = None  # the code norms carry the shift
         return out
 
 

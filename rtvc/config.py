@@ -67,6 +67,9 @@ class EngineConfig:
     catchup_silence_db: float
     crossfade_ms: float
     ring_ms: float
+    learn_content_every_s: float
+    learn_content_window_s: float
+    learn_content_min_voiced_s: float
 
     def __post_init__(self) -> None:
         _check(self.resampler in RESAMPLERS,
@@ -75,6 +78,11 @@ class EngineConfig:
         _check(self.max_backlog_ms > 0, "engine.max_backlog_ms must be > 0 (it is the bound on extra delay)")
         _check(self.catchup_silence_db <= 0, "engine.catchup_silence_db is dBFS and must be <= 0")
         _check(self.crossfade_ms >= 0, "engine.crossfade_ms must be >= 0")
+        _check(self.learn_content_every_s >= 0, "engine.learn_content_every_s must be >= 0 (0 = off)")
+        _check(0 <= self.learn_content_min_voiced_s <= self.learn_content_window_s,
+               "engine.learn_content_min_voiced_s must be in 0..learn_content_window_s")
+        _check(self.learn_content_window_s > 0 or self.learn_content_every_s == 0,
+               "engine.learn_content_window_s must be > 0 while learn_content_every_s is on")
         _check(self.ring_ms > 2 * (self.max_backlog_ms + self.safety_ms) + 100,
                f"engine.ring_ms={self.ring_ms} is too small: it must exceed 2*(max_backlog_ms + safety_ms) + 100 ms "
                f"= {2 * (self.max_backlog_ms + self.safety_ms) + 100:g} ms so the rings never overflow in normal use")

@@ -36,7 +36,9 @@ def load_converter(cfg: Config, voice: str | None = None, transpose: float = 0.0
         raise NoVoiceModel(str(e)) from None
     if voice is not None and voice not in model.speakers:
         raise NoVoiceModel(f"unknown voice '{voice}'; {path} has: {', '.join(model.speakers)}")
-    return VoiceConverter(model, voice, transpose)
+    from .centring import make_learner
+    # source centring learned while they speak; a calibration (calibrate() below) replaces it with a measurement
+    return VoiceConverter(model, voice, transpose, learner=make_learner(model, cfg.engine))
 
 
 def calibrate(conv: Converter, x: np.ndarray, rate: int) -> bool:

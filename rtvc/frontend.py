@@ -347,14 +347,19 @@ class PitchMapper:
         return out
 
 
-def measure_pitch(wav: np.ndarray, cfg: ModelConfig) -> PitchStats:
-    """Voiced ln-F0 mean / std of a recording [n] at the model rate, by the same tracker as conversion (for a
-    source's calibration: what the pitch mapping would otherwise have to learn during the first seconds)."""
+def track_pitch(wav: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A recording [n] at the model rate -> (F0 Hz [N], voiced bool [N]) per hop, by the conversion's tracker."""
     fe = Frontend(cfg)
     x = np.pad(np.asarray(wav, np.float32), (0, (-wav.shape[0]) % cfg.hop_length))
     with torch.no_grad():
         frames = fe.frames(torch.from_numpy(x)[None])[0].numpy()
-    f0, voiced = yin(frames, cfg)
+    return yin(frames, cfg)
+
+
+def measure_pitch(wav: np.ndarray, cfg: ModelConfig) -> PitchStats:
+    """Voiced ln-F0 mean / std of a recording [n] at the model rate, by the same tracker as conversion (for a
+    source's calibration: what the pitch mapping would otherwise have to learn during the first seconds)."""
+    f0, voiced = track_pitch(wav, cfg)
     if voiced.sum() < 10:
         raise ValueError("too little voiced speech to measure a pitch range (need at least 0.1 s)")
     lf = np.log(f0[voiced].astype(np.float64))
@@ -370,6 +375,7 @@ class SourcePitch:
         self.cfg, self.mapper, self.held = cfg, PitchMapper(prior, known), 0.0
         self.known = prior if known else None
         self.track = new_track(self.known)
+        self.last_voiced = np.zeros(0, bool)
 
     def reset(self) -> None:
         self.mapper.reset()
@@ -386,5 +392,6 @@ class SourcePitch:
     def __call__(self, frames: np.ndarray, target: PitchStats, transpose: float) -> np.ndarray:
         """frames [N, win] (the frontend's analysis windows) -> decoder pitch input [2, N] float32."""
         f0, voiced = yin(frames, self.cfg, self.track)
+        self.last_voiced = voiced  # [N] bool: what the last call tracked as voiced (rtvc.centring.ContentLearner)
         pitch, self.held = lf0_features(self.mapper(f0, voiced, target, transpose), voiced, self.held)
         return pitch

@@ -14,6 +14,7 @@ On CPU the same code runs eagerly (tests compare it with the per-stream converte
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch
 from .config import ModelConfig
 from .frontend import LF0_MEAN, LF0_STD, ONSET_RANGE_AFTER, RANGE_FRAMES, TRACK, PitchMapper, PitchStats, new_track
 from .batch import VoiceSlots
+from .centring import ContentLearner
 from .voice import VoiceModel
 
 
@@ -126,6 +128,9 @@ class GraphStep:
         self.active = torch.zeros(slots, dtype=torch.bool, device=dev)
         self.speaker = torch.zeros(slots, dtype=torch.long, device=dev)
         self.transpose = torch.zeros(slots, dtype=f64, device=dev)
+        d = model.cfg.vqvae.code_dim
+        self.shift = torch.zeros(slots, d, device=dev)  # source centring per slot (0: none), added before the VQ
+        self.seen = torch.zeros(slots, d + 2, device=dev)  # per step: encoder output, frame level, voiced (learners)
         spk = model.speakers
         self.target_mean = torch.tensor([model.pitch.get(s, model.prior).mean for s in spk], dtype=f64, device=dev)
         self.target_std = torch.tensor([model.pitch.get(s, model.prior).std for s in spk], dtype=f64, device=dev)
@@ -156,6 +161,7 @@ class GraphStep:
             self.p_weights[slot, j] = w
         self.p_seen[slot] = 0.0
         self.held[slot] = 0.0
+        self.shift[slot] = 0.0
         for j, v in enumerate(new_track(prior if known else None).tolist()):
             self.track[slot, j] = v
 
@@ -182,7 +188,8 @@ class GraphStep:
         pitch = torch.stack([held, voiced.float()], dim=1)[:, :, None]        # [S, 2, 1]
         v = m.vqvae
         zc = v.encoder(mel)
-        q = v.vq.codebook[v.vq.nearest(zc[:, :, 0])][:, :, None]
+        self.seen.copy_(torch.cat([zc[:, :, 0], mel[:, :, 0].mean(1, keepdim=True), voiced.float()[:, None]], 1))
+        q = v.vq.codebook[v.vq.nearest(zc[:, :, 0] + self.shift)][:, :, None]
         mel_hat = v.decoder(q, v.speakers(self.speaker), pitch)
         y = m.student(mel_hat, pitch)[:, 0]
         act = self.active
@@ -228,10 +235,16 @@ class GraphRunner(VoiceSlots):
 
     name = "voice model (batched, graph-captured)"
 
-    def __init__(self, model: VoiceModel, slots: int, device: str | torch.device) -> None:
+    def __init__(self, model: VoiceModel, slots: int, device: str | torch.device,
+                 learner: Callable[[], ContentLearner | None] | None = None) -> None:
+        """``learner``: makes each new session's :class:`rtvc.centring.ContentLearner` (source centring learned
+        while they speak, as :class:`rtvc.batch.BatchedVoice` does)."""
         super().__init__(model, slots)
         self.step_ = GraphStep(model, slots, device)
         self.device = self.step_.device
+        self._new_learner = learner
+        self._learner: list[ContentLearner | None] = [None] * slots
+        self._shifts: dict[int, np.ndarray] = {}  # learned shifts to copy into the step's buffer before the next hop
         self._dirty = True
         # host staging buffers, page-locked on a GPU so the copies are asynchronous: a step is three copies, a replay
         # and one synchronisation, with no allocation and no pageable copy (each waits for the queued GPU work).
@@ -243,6 +256,7 @@ class GraphRunner(VoiceSlots):
         self._h_in = torch.zeros(slots, self.hop, pin_memory=pin)
         self._h_act = torch.zeros(slots, dtype=torch.bool, pin_memory=pin)
         self._h_out = torch.zeros(slots, self.hop, pin_memory=pin)
+        self._h_seen = torch.zeros(self.step_.seen.shape, pin_memory=pin)
         self._n_in, self._n_act, self._n_out = self._h_in.numpy(), self._h_act.numpy(), self._h_out.numpy()
 
     def _changed(self, slot: int, voice: bool) -> None:
@@ -259,6 +273,11 @@ class GraphRunner(VoiceSlots):
         st = self.step_
         for s in self.pool.fresh():
             st.reset_slot(s)
+            self._learner[s] = self._new_learner() if self._new_learner else None
+            self._shifts.pop(s, None)
+        for s, shift in self._shifts.items():  # rare (a learner's estimate): small host->device copies
+            st.shift[s].copy_(torch.from_numpy(shift))
+        self._shifts.clear()
         if self._dirty:  # voice / transpose changes: small host->device copies, outside the graph
             self._dirty = False
             st.speaker.copy_(torch.tensor(self._voice))
@@ -270,6 +289,15 @@ class GraphRunner(VoiceSlots):
         st.inp.copy_(self._h_in, non_blocking=True)
         st.active.copy_(self._h_act, non_blocking=True)
         self._h_out.copy_(st.step(), non_blocking=True)
+        learning = [s for s in slots if self._learner[s] is not None]
+        if learning:
+            self._h_seen.copy_(st.seen, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+        if learning:
+            seen, d = self._h_seen.numpy(), st.seen.shape[1] - 2
+            for s in learning:
+                content = self._learner[s].push(seen[s, None, :d], seen[s, d:d + 1], seen[s, d + 1:] > 0.5)
+                if content is not None:
+                    self._shifts[s] = self.model.content_shift(content)
         return self._n_out[slots]  # a copy (fancy indexing): the buffer is overwritten next step

@@ -152,7 +152,8 @@ class LiveSession:
                 f"{r.latency_ms - r.algorithmic_latency_ms:.1f} + device {r.device_input_latency_ms:.1f}/"
                 f"{r.device_output_latency_ms:.1f}) | compute p50 {e.compute_ms_p50:.2f} p99 {e.compute_ms_p99:.2f} ms "
                 f"(RTF {e.compute_ms_p50 / hop_ms:.3f}) | underruns {e.underruns} dropped {e.dropped} | "
-                f"{'MONITOR' if self.monitor else 'muted'} | {e.converter}")
+                f"{'MONITOR' if self.monitor else 'muted'} | {e.converter}"
+                + (f" | centring {self.voice.centring}" if hasattr(self.voice, "centring") else ""))
 
 
 def run_live(cfg: Config, converter: Converter, duration: float = 0.0, stats_json: str = "",

@@ -360,15 +360,17 @@ def make_runner(cfg: Config):
     if not cfg.paths.model:
         return PassthroughBatch(cfg, cfg.server.max_sessions)
     import torch
-    from .voice import VoiceModel
     device = cfg.server.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .centring import make_learner
+    from .voice import VoiceModel
     model = VoiceModel.load(cfg.paths.model)
+    learner = lambda: make_learner(model, cfg.engine)  # noqa: E731  (each session learns its speaker's content)
     if device.startswith("cuda"):
         from .gpu_step import GraphRunner
-        return GraphRunner(model, cfg.server.max_sessions, device)
-    return BatchedVoice(model, cfg.server.max_sessions, device)
+        return GraphRunner(model, cfg.server.max_sessions, device, learner=learner)
+    return BatchedVoice(model, cfg.server.max_sessions, device, learner=learner)
 
 
 def serve_forever(cfg: Config) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .centring import ContentLearner
 from .checkpoint import load_checkpoint
 from .config import Config
 from .frontend import Frontend, PitchStats, SourcePitch, stream_numpy
@@ -78,11 +79,15 @@ class VoiceModel(StreamingModule):
         """What source centring adds to a measured source's encoder output [code_dim]: ``vqvae.source_centring``
         x (the voices' mean content - the source's); None when the source or the voices' means were not measured
         or centring is off."""
-        k = self.cfg.vqvae.source_centring
-        if source is None or not self.content or k == 0:
+        if source is None or not self.centres:
             return None
         ref = np.mean(np.stack(list(self.content.values())), 0)
-        return (k * (ref - np.asarray(source, np.float32))).astype(np.float32)
+        return (self.cfg.vqvae.source_centring * (ref - np.asarray(source, np.float32))).astype(np.float32)
+
+    @property
+    def centres(self) -> bool:
+        """Whether source centring applies: it is on and this file records its voices' content means."""
+        return bool(self.content) and self.cfg.vqvae.source_centring > 0
 
     def speaker_id(self, name: str) -> int:
         if name not in self.speakers:
@@ -115,11 +120,13 @@ class VoiceConverter:
 
     def __init__(self, model: VoiceModel, voice: str | None = None, transpose: float = 0.0,
                  device: str | torch.device = "cpu", profile: bool = False, fused: bool = True,
-                 source: PitchStats | None = None, content: np.ndarray | None = None) -> None:
+                 source: PitchStats | None = None, content: np.ndarray | None = None,
+                 learner: ContentLearner | None = None) -> None:
         """``source``: the speaker's measured pitch statistics (:func:`rtvc.frontend.measure_pitch`), if known;
         otherwise the pitch mapping learns them while they speak. ``content``: their measured mean content
         (:meth:`VoiceModel.measure_content`), if known: the encoder's output is then centred on the training
-        voices' (:meth:`VoiceModel.content_shift`)."""
+        voices' (:meth:`VoiceModel.content_shift`). ``learner``: without ``content``, learn it while they speak
+        (:class:`rtvc.centring.ContentLearner`, fed every streamed hop; a measured content stops it)."""
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         cfg = model.cfg.model
@@ -128,12 +135,14 @@ class VoiceConverter:
         self.source_pitch = SourcePitch(cfg, *model.pitch_prior(source))
         self.transpose = float(transpose)
         self._set_shift(content)
+        self.learner = learner if content is None and model.centres else None
         self._set_voice(voice or model.speakers[0])
         self.profile, self.times = profile, StageTimes()
         self.model.start_streaming(1)
         # CPU, one stream: the whole step in numpy and numba (fused_step) on the modules' own streaming state
         self.fused = fused and self.device.type == "cpu"
         self._fused_args: tuple | None = None  # fused_args(): views of the streaming state, rebuilt with it
+        self._seen: tuple[np.ndarray, np.ndarray] | None = None  # the last hops' encoder output and mel
 
     def _set_voice(self, voice: str) -> None:
         idx = self.model.speaker_id(voice)
@@ -156,6 +165,7 @@ class VoiceConverter:
         other.model = copy.deepcopy(self.model)  # modules carry the state: copy both
         other.source_pitch = copy.deepcopy(self.source_pitch)
         other.times = StageTimes()
+        self.learner = None  # the learner goes on with the new converter (the old one only finishes a crossfade)
         other._set_voice(voice)  # also drops the fused-kernel views of the old model's state
         if transpose is not None:
             other.transpose = float(transpose)
@@ -183,6 +193,7 @@ class VoiceConverter:
         t = self._tick("pitch", t)
         z = m.vqvae.encoder(mel)
         t = self._tick("encoder", t)
+        self._seen = (z[0].cpu().numpy(), mel[0].cpu().numpy())  # what source centring learns from (convert())
         zf = z[0].t() if self._shift is None else z[0].t() + self._shift
         q = m.vqvae.vq.codebook[m.vqvae.vq.nearest(zf)].t()[None]
         t = self._tick("vq", t)
@@ -198,17 +209,26 @@ class VoiceConverter:
         """:meth:`_run` streaming on the CPU for this one stream (:func:`fused_step`): x [N*hop] -> [N*hop]."""
         if self._fused_args is None:
             self._fused_args = fused_args(self.model, self._spk, 0, self._shift)
-        return fused_step(x, self._fused_args, lambda fr: self.source_pitch(fr, self._target, self.transpose),
-                          self._tick)
+        y, mel, z = fused_step(x, self._fused_args, lambda fr: self.source_pitch(fr, self._target, self.transpose),
+                               self._tick)
+        self._seen = (z, mel)
+        return y
 
     def convert(self, x: np.ndarray) -> np.ndarray:
         """One or more whole hops [k*hop] float32 -> same length, streaming."""
         if x.ndim != 1 or x.shape[0] % self.hop or x.shape[0] == 0:
             raise ValueError(f"{self.name}: expected whole hops of {self.hop} samples, got shape {x.shape}")
         if self.fused and self.model.vqvae.encoder.is_streaming:
-            return self._run_fused(np.ascontiguousarray(x, dtype=np.float32))
-        wav = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self.device)
-        return self._run(wav)[0].cpu().numpy()
+            y = self._run_fused(np.ascontiguousarray(x, dtype=np.float32))
+        else:
+            wav = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(self.device)
+            y = self._run(wav)[0].cpu().numpy()
+        if self.learner is not None:  # encoder output [D, N], mel [n_mels, N] of these hops, and their voicing
+            z, mel = self._seen
+            content = self.learner.push(z.T, mel.mean(0), self.source_pitch.last_voiced)
+            if content is not None:  # a new estimate of the speaker's mean content: centre on it from the next hop
+                self._set_shift(content)
+        return y
 
     def reset(self) -> None:
         self.model.reset_streaming()
@@ -219,8 +239,20 @@ class VoiceConverter:
         self.source = source
         self.source_pitch.set_prior(*self.model.pitch_prior(source))
 
+    @property
+    def centring(self) -> str:
+        """Source centring's state, for status lines: off, learning (no estimate yet), learned xN, measured."""
+        if not self.model.centres:
+            return "off"
+        if self.learner is not None:
+            return f"learned x{self.learner.updates}" if self.learner.updates else "learning"
+        return "measured" if self.content is not None else "off"
+
     def set_source_content(self, content: np.ndarray | None) -> None:
-        """A newly measured (or forgotten: None) source mean content [code_dim]: source centring follows it."""
+        """A newly measured (or forgotten: None) source mean content [code_dim]: source centring follows it (and no
+        longer learns it while they speak)."""
+        if content is not None:
+            self.learner = None
         self._set_shift(content)
 
     def measure_content(self, x: np.ndarray) -> np.ndarray:
@@ -280,11 +312,12 @@ def fused_args(model: VoiceModel, spk: torch.Tensor, slot: int, shift: torch.Ten
             _frame_args(model, spk, slot, shift), student_args(model.student, slot))
 
 
-def fused_step(x: np.ndarray, args: tuple, pitch_of, tick) -> np.ndarray:
+def fused_step(x: np.ndarray, args: tuple, pitch_of, tick) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One stream's streaming step on the CPU, numpy end to end: frontend (:func:`rtvc.frontend.stream_numpy`),
     pitch (``pitch_of(frames [N, win]) -> [2, N]``, the stream's tracker and mapping), one numba call for encoder
     -> VQ -> decoder (:func:`kernels.frame_stack.frame_convert`), one for the vocoder
-    (:func:`kernels.student_step.student_step`). x [N*hop] float32 -> [N*hop] float32. Per 10 ms hop eager torch
+    (:func:`kernels.student_step.student_step`). x [N*hop] float32 -> (y [N*hop] float32, the frontend's mel
+    [n_mels, N], the encoder's output [code_dim, N]: what source centring learns from). Per 10 ms hop eager torch
     spends most of its time dispatching ops (``rtvc bench``: fused vs plain torch). ``tick(stage, t0) -> t``:
     stage timing (:meth:`VoiceConverter._tick`). ``args``: :func:`fused_args`."""
     from kernels.frame_stack import frame_convert
@@ -295,12 +328,12 @@ def fused_step(x: np.ndarray, args: tuple, pitch_of, tick) -> np.ndarray:
     t = tick("frontend", t)
     pitch = pitch_of(frames)
     t = tick("pitch", t)
-    out = np.empty_like(mel)
-    frame_convert(mel if lifter is None else lifter @ mel, pitch, enc, cb, cb_norm, dec, out)
+    out, z = np.empty_like(mel), np.empty((cb.shape[1], mel.shape[1]), np.float32)
+    frame_convert(mel if lifter is None else lifter @ mel, pitch, enc, cb, cb_norm, dec, out, z)
     t = tick("encoder+vq+decoder (fused)", t)
     y = student_step(out, pitch, *stu)
     tick("vocoder", t)
-    return y
+    return y, mel, z
 
 
 def make_voice_model(cfg: Config, speakers: list[str], seed: int = 0) -> VoiceModel:

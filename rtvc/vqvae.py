@@ -189,7 +189,11 @@ class Decoder(StreamingModule):
 def speech_frames(mel: torch.Tensor) -> torch.Tensor:
     """mel [n_mels, T] (normalised log-mel) -> bool [T]: frames whose mean over bins is above the recording's 30th
     percentile. A content mean is taken over these, so that how much pause a recording holds does not move it."""
-    level = mel.mean(0)
+    return speech_level_mask(mel.mean(0))
+
+
+def speech_level_mask(level: torch.Tensor) -> torch.Tensor:
+    """Frame levels [T] (mean normalised log-mel) -> bool [T]: above their 30th percentile (:func:`speech_frames`)."""
     return level > torch.quantile(level, 0.3)
 
 

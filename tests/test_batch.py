@@ -39,3 +39,39 @@ def test_batched_slots_match_single_streams(fused):
         assert np.abs(got - ref).max() <= 1e-5, f"stream {i}"
     bv.release(slots[1])
     assert bv.acquire("a") == slots[1]  # a freed slot is reused, with fresh state
+
+
+def test_batched_slots_learn_source_centring_like_single_streams():
+    """With a learner per session (the server's CPU runner), each slot learns its own source's content and centres
+    on it exactly as a single VoiceConverter with a learner does; a new session in a slot starts unlearned."""
+    from rtvc.centring import ContentLearner
+    names = ["a", "b"]
+    rng = np.random.default_rng(1)
+    content = {v: rng.standard_normal(CFG.vqvae.code_dim).astype(np.float32) for v in names}
+
+    def model():
+        m = make_voice_model(CFG, names, seed=7)
+        m.content = content
+        return m
+
+    new = lambda: ContentLearner(CFG, window_s=1.0, every_s=0.3, min_voiced_s=0.1)  # noqa: E731
+    bv = BatchedVoice(model(), slots=3, learner=new)
+    hop = bv.hop
+    xs = [_speech_like(1.0, bv.sample_rate, s + 3) for s in range(2)]
+    slots = [bv.acquire("a"), bv.acquire("b")]
+    n = xs[0].shape[0] // hop
+    got = [[], []]
+    for k in range(n):
+        y = bv.step(slots, np.stack([x[k * hop:(k + 1) * hop] for x in xs]))
+        for i in range(2):
+            got[i].append(y[i])
+    assert all(bv._learner[s].updates >= 2 for s in slots) and bv._shift[slots[0]] is not None
+    for i, voice in enumerate(["a", "b"]):
+        single = VoiceConverter(model(), voice, learner=new())
+        ref = np.concatenate([single.convert(xs[i][k * hop:(k + 1) * hop]) for k in range(n)])
+        assert single.learner.updates == bv._learner[slots[i]].updates
+        assert np.abs(np.concatenate(got[i]) - ref).max() <= 1e-5, f"stream {i}"
+    bv.release(slots[0])
+    s = bv.acquire("a")
+    bv.step([s], xs[0][None, :hop])
+    assert s == slots[0] and bv._learner[s].updates == 0 and bv._shift[s] is None

@@ -101,3 +101,32 @@ def test_graph_runner_serves_like_batched_voice():
         # 3e-4: the envelope synthesis' noise FFT is float64 in numpy (BatchedVoice), float32 in torch (GraphRunner)
         np.testing.assert_allclose(gr.step([sg], h), bv.step([sb], h), atol=3e-4)
     assert gr.voice_of(sg) == "a"
+
+
+def test_graph_runner_learns_source_centring_like_batched_voice():
+    """Each session's learner in the GPU runner (exercised on CPU) sees what BatchedVoice's sees (encoder output,
+    level, voicing from the device-side step) and the learned shift changes the codes from the next hop alike."""
+    from rtvc.batch import BatchedVoice
+    from rtvc.centring import ContentLearner
+    from rtvc.gpu_step import GraphRunner
+    names = ["a", "b"]
+    rng = np.random.default_rng(2)
+    content = {v: rng.standard_normal(CFG.vqvae.code_dim).astype(np.float32) for v in names}
+
+    def model():
+        m = make_voice_model(CFG, names, seed=8)
+        m.content = content
+        return m
+
+    new = lambda: ContentLearner(CFG, window_s=1.0, every_s=0.25, min_voiced_s=0.1)  # noqa: E731
+    gr, bv = GraphRunner(model(), 2, "cpu", learner=new), BatchedVoice(model(), 2, learner=new)
+    x = _speech_like(1.0, 24000, 6)
+    hop = gr.hop
+    sg, sb = gr.acquire("b"), bv.acquire("b")
+    for k in range(x.shape[0] // hop):
+        h = x[None, k * hop:(k + 1) * hop]
+        np.testing.assert_allclose(gr.step([sg], h), bv.step([sb], h), atol=3e-4)
+    assert gr._learner[sg].updates == bv._learner[sb].updates >= 3
+    latest = gr._shifts.get(sg, gr.step_.shift[sg].numpy())  # a shift learned at the last hop waits for the next
+    np.testing.assert_allclose(latest, bv._shift[sb].numpy(), atol=1e-4)
+    assert np.abs(bv._shift[sb].numpy()).max() > 0.1

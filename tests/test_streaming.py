@@ -243,6 +243,71 @@ def test_source_centring():
     np.testing.assert_allclose(vc.content, src, atol=1e-5)
 
 
+def test_content_learner_window():
+    """ContentLearner keeps exactly the last window (pushes of any size, wrapping), estimates every ``every_s``
+    once enough voiced frames are in it, by the calibration's rule over the window; bad input is an error."""
+    from rtvc.centring import ContentLearner
+    from rtvc.vqvae import speech_level_mask
+    rng = np.random.default_rng(3)
+    n, d = 400, CFG.vqvae.code_dim
+    z, level = rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    voiced = np.arange(n) >= 40  # nothing voiced for the first 0.4 s
+    learner = ContentLearner(CFG, window_s=1.0, every_s=0.5, min_voiced_s=0.3)  # 100 frames, every 50, 30 voiced
+    got, k = {}, 0
+    for step in (1, 3, 17, 2, 30, 7, 150, 5, 185):  # frames per push; one longer than the window
+        out = learner.push(z[k:k + step], level[k:k + step], voiced[k:k + step])
+        k += step
+        if out is not None:
+            got[k] = out
+        last = slice(max(0, k - 100), k)
+        rows = (learner.pos - np.arange(min(k, 100), 0, -1)) % 100  # oldest first
+        np.testing.assert_array_equal(learner.z[rows], z[last])
+        np.testing.assert_array_equal(learner.level[rows], level[last])
+    # estimates: not before 30 voiced frames are in (frame 70) nor before 50 frames since the last one
+    assert sorted(got) == [210, 400]
+    w = slice(300, 400)
+    expect = z[w][speech_level_mask(torch.from_numpy(level[w])).numpy()].mean(0)
+    np.testing.assert_allclose(got[400], expect, rtol=1e-6)
+    assert learner.updates == 2
+    with pytest.raises(ValueError, match="min_voiced_s"):
+        ContentLearner(CFG, window_s=1.0, every_s=1.0, min_voiced_s=2.0)
+    with pytest.raises(ValueError, match="same 2 frames"):
+        learner.push(z[:2], level[:2], voiced[:3])
+
+
+def test_content_learned_while_speaking():
+    """A converter with a ContentLearner and no measured content learns what a calibration on the same speech
+    measures (VoiceModel.measure_content), centres on it from the next hop on (fused and torch paths alike),
+    leaves the stream's own state alone, and stops learning once a calibration sets the content."""
+    from rtvc.centring import ContentLearner
+    model = make_voice_model(CFG, ["a", "b"], seed=4)
+    rng = np.random.default_rng(0)
+    model.content = {v: rng.standard_normal(CFG.vqvae.code_dim).astype(np.float32) for v in model.speakers}
+    rate, hop = CFG.model.sample_rate, CFG.model.hop_length
+    x = _speech_like(2.0, rate, 5)[: 180 * hop]
+    expect = model.measure_content(x[: 50 * hop])
+    for fused in (True, False):
+        learner = ContentLearner(CFG, window_s=1.0, every_s=0.5, min_voiced_s=0.1)
+        vc = VoiceConverter(model, "b", learner=learner, fused=fused)
+        assert vc.centring == "learning"
+        ref = VoiceConverter(make_voice_model(CFG, ["a", "b"], seed=4), "b", fused=fused)
+        ref.model.content = model.content
+        for i in range(0, 50, 2):  # the first estimate comes with hop 50 (0.5 s)
+            np.testing.assert_allclose(vc.convert(x[i * hop:(i + 2) * hop]), ref.convert(x[i * hop:(i + 2) * hop]),
+                                       atol=TOL)
+        assert learner.updates == 1 and vc.centring == "learned x1"
+        np.testing.assert_allclose(vc.content, expect, rtol=1e-4, atol=1e-4)
+        ref.set_source_content(vc.content)  # the same centring from the same hop on, on an untouched state
+        y = vc.convert(x[50 * hop:53 * hop])
+        np.testing.assert_allclose(y, ref.convert(x[50 * hop:53 * hop]), atol=TOL)
+        vc.set_source_content(vc.content)
+        assert vc.learner is None and vc.centring == "measured"
+        model.stop_streaming()
+    assert VoiceConverter(model, "a", content=expect, learner=learner).learner is None
+    plain = make_voice_model(CFG, ["a"], seed=4)  # no voice content means in the file: nothing to learn
+    assert VoiceConverter(plain, "a", learner=ContentLearner(CFG, 1.0, 0.5, 0.3)).centring == "off"
+
+
 def test_encoder_lifter():
     """vqvae.encoder_cepstra: the encoder's input keeps a smooth envelope and loses a harmonic ripple 2-3 mel bins
     apart (a low voice's resolved harmonics); it is a projection; 0 or >= n_mels leaves the mel as it is."""
