@@ -193,7 +193,8 @@ class VoiceConverter:
         t = self._tick("pitch", t)
         z = m.vqvae.encoder(mel)
         t = self._tick("encoder", t)
-        self._seen = (z[0].cpu().numpy(), mel[0].cpu().numpy())  # what source centring learns from (convert())
+        if self.learner is not None:  # what source centring learns from (convert())
+            self._seen = (z[0].cpu().numpy(), mel[0].cpu().numpy())
         zf = z[0].t() if self._shift is None else z[0].t() + self._shift
         q = m.vqvae.vq.codebook[m.vqvae.vq.nearest(zf)].t()[None]
         t = self._tick("vq", t)

@@ -9,7 +9,7 @@ from rtvc.batch import BatchedVoice
 from rtvc.config import load_config
 from rtvc.voice import VoiceConverter, make_voice_model
 
-from test_streaming import _speech_like
+from test_streaming import _centred_model, _speech_like
 
 CFG = load_config()
 
@@ -46,14 +46,7 @@ def test_batched_slots_learn_source_centring_like_single_streams():
     on it exactly as a single VoiceConverter with a learner does; a new session in a slot starts unlearned."""
     from rtvc.centring import ContentLearner
     names = ["a", "b"]
-    rng = np.random.default_rng(1)
-    content = {v: rng.standard_normal(CFG.vqvae.code_dim).astype(np.float32) for v in names}
-
-    def model():
-        m = make_voice_model(CFG, names, seed=7)
-        m.content = content
-        return m
-
+    model = lambda: _centred_model(names, 7, 1)  # noqa: E731
     new = lambda: ContentLearner(CFG, window_s=1.0, every_s=0.3, min_voiced_s=0.1)  # noqa: E731
     bv = BatchedVoice(model(), slots=3, learner=new)
     hop = bv.hop

@@ -14,7 +14,7 @@ from rtvc.frontend import Frontend, PitchStats, new_track, yin
 from rtvc.gpu_step import GraphStep, yin_torch
 from rtvc.voice import VoiceConverter, make_voice_model
 
-from test_streaming import _speech_like
+from test_streaming import _centred_model, _speech_like
 
 CFG = load_config()
 
@@ -110,14 +110,7 @@ def test_graph_runner_learns_source_centring_like_batched_voice():
     from rtvc.centring import ContentLearner
     from rtvc.gpu_step import GraphRunner
     names = ["a", "b"]
-    rng = np.random.default_rng(2)
-    content = {v: rng.standard_normal(CFG.vqvae.code_dim).astype(np.float32) for v in names}
-
-    def model():
-        m = make_voice_model(CFG, names, seed=8)
-        m.content = content
-        return m
-
+    model = lambda: _centred_model(names, 8, 2)  # noqa: E731
     new = lambda: ContentLearner(CFG, window_s=1.0, every_s=0.25, min_voiced_s=0.1)  # noqa: E731
     gr, bv = GraphRunner(model(), 2, "cpu", learner=new), BatchedVoice(model(), 2, learner=new)
     x = _speech_like(1.0, 24000, 6)

@@ -106,6 +106,14 @@ def _speech_like(seconds: float, rate: int, seed: int) -> np.ndarray:
     return (0.2 * x + 0.003 * rng.standard_normal(t.shape)).astype(np.float32)
 
 
+def _centred_model(names: list[str], seed: int, content_seed: int):
+    """A random voice model whose file records (random) voice content means, so source centring applies."""
+    m = make_voice_model(CFG, names, seed=seed)
+    rng = np.random.default_rng(content_seed)
+    m.content = {v: rng.standard_normal(CFG.vqvae.code_dim).astype(np.float32) for v in names}
+    return m
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_full_converter_streaming_equals_offline(seed):
     rng = np.random.default_rng(seed)
@@ -280,9 +288,7 @@ def test_content_learned_while_speaking():
     measures (VoiceModel.measure_content), centres on it from the next hop on (fused and torch paths alike),
     leaves the stream's own state alone, and stops learning once a calibration sets the content."""
     from rtvc.centring import ContentLearner
-    model = make_voice_model(CFG, ["a", "b"], seed=4)
-    rng = np.random.default_rng(0)
-    model.content = {v: rng.standard_normal(CFG.vqvae.code_dim).astype(np.float32) for v in model.speakers}
+    model = _centred_model(["a", "b"], 4, 0)
     rate, hop = CFG.model.sample_rate, CFG.model.hop_length
     x = _speech_like(2.0, rate, 5)[: 180 * hop]
     expect = model.measure_content(x[: 50 * hop])
@@ -290,8 +296,7 @@ def test_content_learned_while_speaking():
         learner = ContentLearner(CFG, window_s=1.0, every_s=0.5, min_voiced_s=0.1)
         vc = VoiceConverter(model, "b", learner=learner, fused=fused)
         assert vc.centring == "learning"
-        ref = VoiceConverter(make_voice_model(CFG, ["a", "b"], seed=4), "b", fused=fused)
-        ref.model.content = model.content
+        ref = VoiceConverter(_centred_model(["a", "b"], 4, 0), "b", fused=fused)
         for i in range(0, 50, 2):  # the first estimate comes with hop 50 (0.5 s)
             np.testing.assert_allclose(vc.convert(x[i * hop:(i + 2) * hop]), ref.convert(x[i * hop:(i + 2) * hop]),
                                        atol=TOL)
