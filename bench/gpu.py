@@ -5,7 +5,8 @@
 
 Measures: each custom op against its torch-eager composite; the streaming step (GraphStep) at batch 1, 8, 64, 256,
 1024 with and without CUDA-graph capture; the number of concurrent real-time streams whose step p99 stays
-<= 5 ms; the student vocoder's offline throughput against a paper-sized Parallel WaveGAN run the same way.
+<= 5 ms; the server's runner as the server calls it (numpy in and out, 1..128 of 128 slots active, with source
+centring learners); the student vocoder's offline throughput against a paper-sized Parallel WaveGAN.
 """
 
 from __future__ import annotations
@@ -92,6 +93,31 @@ def bench_step(device: torch.device, reps: int, quick: bool) -> tuple[list[dict]
     return rows, capacity
 
 
+def bench_runner(device: torch.device, reps: int, quick: bool) -> list[dict]:
+    """The server's runner (GraphRunner on CUDA, BatchedVoice elsewhere) as the server calls it: numpy hops for
+    some active sessions of a fixed set of slots in, numpy out, host staging and synchronisation included."""
+    from rtvc.batch import BatchedVoice
+    from rtvc.centring import make_learner
+    from rtvc.gpu_step import GraphRunner
+    cfg = load_config()
+    slots = 4 if quick else 128
+    model = make_voice_model(cfg, ["a", "b", "c", "d"])
+    model.content = {v: np.zeros(cfg.vqvae.code_dim, np.float32) for v in model.speakers}  # learners on
+    learner = lambda: make_learner(model, cfg.engine)  # noqa: E731
+    runner = (GraphRunner(model, slots, device, learner=learner) if device.type == "cuda"
+              else BatchedVoice(model, slots, learner=learner))
+    runner.warmup()
+    sessions = [runner.acquire("a") for _ in range(slots)]
+    rows = []
+    for n in ([1, 2] if quick else [1, 8, 32, 64, 128]):
+        hops = (np.random.default_rng(n).standard_normal((n, runner.hop)) * 0.1).astype(np.float32)
+        s = stats(timed(lambda: runner.step(sessions[:n], hops), torch.device("cpu"), reps))
+        rows.append({"runner": type(runner).__name__, "slots": slots, "active": n, **s})
+        print(f"runner {type(runner).__name__} {n:4d}/{slots} active: p50 {s['p50_ms']:.3f} ms  "
+              f"p99 {s['p99_ms']:.3f} ms", flush=True)
+    return rows
+
+
 def bench_vocoders(device: torch.device, quick: bool) -> dict:
     cfg = load_config()
     frames = 100 if quick else 1000  # 1 s / 10 s of audio
@@ -125,6 +151,7 @@ def main() -> None:
         print(f"{r['op']:<14} {r['shape']:<38} fused p50 {r['fused']['p50_ms']:.4f} ms, eager p50 "
               f"{r['eager']['p50_ms']:.4f} ms -> {r['speedup_p50']:.2f}x", flush=True)
     result["step"], result["realtime_streams_p99_le_5ms"] = bench_step(device, reps, a.quick)
+    result["runner"] = bench_runner(device, reps, a.quick)
     result["vocoders"] = bench_vocoders(device, a.quick)
     print(f"largest batch with step p99 <= 5 ms: {result['realtime_streams_p99_le_5ms']} streams")
     for k, v in result["vocoders"].items():
