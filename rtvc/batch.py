@@ -56,12 +56,22 @@ class VoiceSlots:
     """What every model-backed server runner shares: a :class:`SlotPool`, each slot's voice id and transpose (set
     by sessions on the event loop, read by the worker at the next step), and the acquire/release/set interface."""
 
-    def __init__(self, model: VoiceModel, slots: int) -> None:
+    def __init__(self, model: VoiceModel, slots: int,
+                 learner: Callable[[], ContentLearner | None] | None = None) -> None:
+        """``learner``: makes each new session's :class:`rtvc.centring.ContentLearner` (source centring learned
+        while they speak); the subclass feeds it."""
         self.model, self.capacity, self.voices = model, slots, list(model.speakers)
         self.hop, self.sample_rate, self.latency = model.cfg.model.hop_length, model.cfg.model.sample_rate, 0
         self.pool = SlotPool(slots)
         self._voice = np.zeros(slots, np.int64)
         self._transpose = np.zeros(slots)
+        self._new_learner = learner
+        self._learner: list[ContentLearner | None] = [None] * slots
+
+    def centring_of(self, slot: int) -> str:
+        """``slot``'s source centring, for its session's stats: off, learning (no estimate yet), learned xN."""
+        learner = self._learner[slot]
+        return "off" if learner is None else f"learned x{learner.updates}" if learner.updates else "learning"
 
     def acquire(self, voice: str, transpose: float = 0.0) -> int:
         slot = self.pool.take()  # its state is reset by the worker, between steps
@@ -89,9 +99,9 @@ class VoiceSlots:
 class BatchedVoice(VoiceSlots):
     def __init__(self, model: VoiceModel, slots: int, device: str | torch.device = "cpu",
                  learner: Callable[[], ContentLearner | None] | None = None) -> None:
-        """``learner``: makes each new session's :class:`rtvc.centring.ContentLearner` (source centring learned
-        while they speak; the fused CPU path only)."""
-        super().__init__(model.to(device).eval(), slots)
+        """``learner``: as :class:`VoiceSlots` (the fused CPU path learns; the torch path does not)."""
+        device = torch.device(device)
+        super().__init__(model.to(device).eval(), slots, learner if device.type == "cpu" else None)
         self.device = torch.device(device)
         self.cfg = model.cfg
         self.name = "voice model (batched)"
@@ -101,8 +111,6 @@ class BatchedVoice(VoiceSlots):
         # at these sizes is op dispatch (the GPU issue batches with custom kernels instead)
         self.fused = self.device.type == "cpu"
         self._args: list[tuple | None] = [None] * slots
-        self._new_learner = learner if self.fused else None
-        self._learner: list[ContentLearner | None] = [None] * slots
         self._shift: list[torch.Tensor | None] = [None] * slots  # each session's source-centring shift
 
     def warmup(self) -> None:

@@ -239,11 +239,9 @@ class GraphRunner(VoiceSlots):
                  learner: Callable[[], ContentLearner | None] | None = None) -> None:
         """``learner``: makes each new session's :class:`rtvc.centring.ContentLearner` (source centring learned
         while they speak, as :class:`rtvc.batch.BatchedVoice` does)."""
-        super().__init__(model, slots)
+        super().__init__(model, slots, learner)
         self.step_ = GraphStep(model, slots, device)
         self.device = self.step_.device
-        self._new_learner = learner
-        self._learner: list[ContentLearner | None] = [None] * slots
         self._shifts: dict[int, np.ndarray] = {}  # learned shifts to copy into the step's buffer before the next hop
         self._dirty = True
         # host staging buffers, page-locked on a GPU so the copies are asynchronous: a step is three copies, a replay

@@ -58,6 +58,9 @@ class PassthroughBatch:
     def voice_of(self, slot: int) -> str:
         return "passthrough"
 
+    def centring_of(self, slot: int) -> str:
+        return "off"
+
     def step(self, slots: list[int], hops: np.ndarray) -> np.ndarray:
         return hops.copy()
 
@@ -125,6 +128,10 @@ class Server:
                 s.engine.put_hop(y, dt)
                 if self._loop is not None:
                     self._loop.call_soon_threadsafe(s.ready.set)
+
+    def _stats(self, s: Session) -> dict:
+        """A session's stats reply: its counters plus its source centring (learned while its speaker talks)."""
+        return {**s.stats(), "centring": self.runner.centring_of(s.slot)}
 
     # -------------------------------------------------------------------------------------------- http
     def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
@@ -252,7 +259,7 @@ class Server:
                 await s.ws.send(P.dumps({"type": P.ACK, "voice": self.runner.voice_of(s.slot),
                                          "transpose": tr if tr is not None else None}))
             elif kind == P.STATS:
-                await s.ws.send(P.dumps(s.stats()))
+                await s.ws.send(P.dumps(self._stats(s)))
             elif kind == P.STOP:
                 await self._finish(s, P.CLOSE_NORMAL, "stop")
                 return
@@ -299,7 +306,7 @@ class Server:
                 await asyncio.wait_for(asyncio.shield(s.sender), 5.0)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 s.sender.cancel()
-        await s.ws.send(P.dumps({**s.stats(), "type": P.END}))
+        await s.ws.send(P.dumps({**self._stats(s), "type": P.END}))
         await s.ws.close(code, reason)
 
     async def _fail(self, ws: ServerConnection, e: P.ProtocolError) -> None:

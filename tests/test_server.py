@@ -19,7 +19,7 @@ from rtvc.config import load_config
 from rtvc.server import PassthroughBatch, Server
 from rtvc.voice import make_voice_model
 
-from test_streaming import _speech_like
+from test_streaming import _centred_model, _speech_like
 
 
 class Running:
@@ -293,7 +293,20 @@ def test_session_limit_and_stats():
         srv.stop()
     assert err["code"] == "server_full" and close == 1013
     assert stats["type"] == "stats" and stats["frames_in"] == 1 and stats["samples_in"] == 480
-    assert set(stats["compute_ms"]) == {"p50", "p99"}
+    assert set(stats["compute_ms"]) == {"p50", "p99"} and stats["centring"] == "off"
+
+
+def test_sessions_learn_source_centring():
+    """Each session learns its speaker's source centring while streaming; its stats and end message say so."""
+    from rtvc.centring import ContentLearner
+    cfg = _cfg()
+    learner = lambda: ContentLearner(cfg, window_s=1.0, every_s=0.3, min_voiced_s=0.1)  # noqa: E731
+    srv = Running(cfg, BatchedVoice(_centred_model(["alto", "bass"], 2, 0), slots=2, learner=learner))
+    try:
+        _, y, _, end, _ = asyncio.run(_stream(srv.url, _speech_like(1.0, 24000, 3), 24000, 480))
+    finally:
+        srv.stop()
+    assert end["centring"].startswith("learned x") and int(end["centring"][9:]) >= 2
 
 
 def test_fuzzed_client_messages_never_crash_the_server(model_server):
