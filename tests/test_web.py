@@ -68,7 +68,7 @@ def test_web_page_round_trip_in_headless_chromium(tmp_path):
         while time.monotonic() < deadline:
             stats = json.loads(asyncio.run(_evaluate(page["webSocketDebuggerUrl"],
                                                      "JSON.stringify(window.rtvcStats)")) or "null")
-            if stats and stats["samplesOut"] >= 48000:  # one second of converted audio back
+            if stats and stats["samplesOut"] >= 48000 and stats.get("server"):  # 1 s of audio back, a stats reply
                 break
             time.sleep(0.5)
         assert stats and not stats["error"], stats
@@ -76,6 +76,7 @@ def test_web_page_round_trip_in_headless_chromium(tmp_path):
         assert stats["samplesOut"] >= 48000, stats
         assert stats["sumSq"] > 0, "only silence came back"
         assert stats["rtt"], "no round-trip measurements"
+        assert stats["server"]["centring"] in ("off", "learning") or stats["server"]["centring"].startswith("learned")
     finally:
         proc.terminate()
         try:
