@@ -103,16 +103,19 @@ def test_graph_runner_serves_like_batched_voice():
     assert gr.voice_of(sg) == "a"
 
 
-def test_graph_runner_learns_source_centring_like_batched_voice():
-    """Each session's learner in the GPU runner (exercised on CPU) sees what BatchedVoice's sees (encoder output,
-    level, voicing from the device-side step) and the learned shift changes the codes from the next hop alike."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_graph_runner_learns_source_centring_like_batched_voice(device):
+    """Each session's learner in the GPU runner (on CPU eagerly; on a GPU with graph replay) sees what
+    BatchedVoice's sees (encoder output, level, voicing from the device-side step) and the learned shift changes
+    the codes from the next hop alike."""
     from rtvc.batch import BatchedVoice
     from rtvc.centring import ContentLearner
     from rtvc.gpu_step import GraphRunner
     names = ["a", "b"]
     model = lambda: _centred_model(names, 8, 2)  # noqa: E731
     new = lambda: ContentLearner(CFG, window_s=1.0, every_s=0.25, min_voiced_s=0.1)  # noqa: E731
-    gr, bv = GraphRunner(model(), 2, "cpu", learner=new), BatchedVoice(model(), 2, learner=new)
+    gr, bv = GraphRunner(model(), 2, device, learner=new), BatchedVoice(model(), 2, learner=new)
     x = _speech_like(1.0, 24000, 6)
     hop = gr.hop
     sg, sb = gr.acquire("b"), bv.acquire("b")
@@ -120,6 +123,6 @@ def test_graph_runner_learns_source_centring_like_batched_voice():
         h = x[None, k * hop:(k + 1) * hop]
         np.testing.assert_allclose(gr.step([sg], h), bv.step([sb], h), atol=3e-4)
     assert gr._learner[sg].updates == bv._learner[sb].updates >= 3
-    latest = gr._shifts.get(sg, gr.step_.shift[sg].numpy())  # a shift learned at the last hop waits for the next
+    latest = gr._shifts.get(sg, gr.step_.shift[sg].cpu().numpy())  # one learned at the last hop waits for the next
     np.testing.assert_allclose(latest, bv._shift[sb].numpy(), atol=1e-4)
     assert np.abs(bv._shift[sb].numpy()).max() > 0.1
