@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     end = c.end or {}
     rtt = round_trips_ms(frames)
     print(f"wrote {a.output}: {y.shape[0]} samples at {rate} Hz (sent {x.shape[0]}), voice {c.ready['voice']}, "
-          f"algorithmic latency {c.latency_ms:.2f} ms, dropped {end.get('dropped_samples', '?')} samples"
+          f"algorithmic latency {c.latency_ms:.2f} ms, dropped {end.get('dropped_samples', '?')} samples, "
+          f"source centring {end.get('centring', '?')}"
           + (f", round trip p50 {np.percentile(rtt, 50):.1f} ms p99 {np.percentile(rtt, 99):.1f} ms"
              if a.realtime and rtt.size else ""))
     return 0

@@ -365,7 +365,7 @@ def test_stream_file_client(model_server, tmp_path):
     assert r.returncode == 0, r.stderr
     y, rate = sf.read(str(tmp_path / "out.wav"))
     assert rate == 44100 and y.shape == x.shape and np.abs(y).max() > 1e-3
-    assert "voice tenor" in r.stdout and "dropped 0 samples" in r.stdout
+    assert "voice tenor" in r.stdout and "dropped 0 samples" in r.stdout and "source centring off" in r.stdout
 
 
 def test_clients_need_no_torch():
