@@ -71,7 +71,18 @@ class VoiceSlots:
     def centring_of(self, slot: int) -> str:
         """``slot``'s source centring, for its session's stats: off, learning (no estimate yet), learned xN."""
         learner = self._learner[slot]
-        return "off" if learner is None else f"learned x{learner.updates}" if learner.updates else "learning"
+        return "off" if learner is None else learner.state
+
+    def _restart_learner(self, slot: int) -> None:
+        """A new session in ``slot`` learns its own speaker from scratch."""
+        self._learner[slot] = self._new_learner() if self._new_learner else None
+
+    def _learn(self, slot: int, z: np.ndarray, level: np.ndarray, voiced: np.ndarray) -> np.ndarray | None:
+        """Feed ``slot``'s learner one step's frames (:meth:`rtvc.centring.ContentLearner.push`); returns the new
+        source-centring shift [code_dim] when an estimate arrives, else None (also without a learner)."""
+        learner = self._learner[slot]
+        content = learner.push(z, level, voiced) if learner is not None else None
+        return None if content is None else self.model.content_shift(content)
 
     def acquire(self, voice: str, transpose: float = 0.0) -> int:
         slot = self.pool.take()  # its state is reset by the worker, between steps
@@ -136,7 +147,7 @@ class BatchedVoice(VoiceSlots):
             m.reset_streaming(fresh)
             for s in fresh:
                 self._pitch[s].reset()
-                self._learner[s] = self._new_learner() if self._new_learner else None
+                self._restart_learner(s)
                 if self._shift[s] is not None:
                     self._shift[s], self._args[s] = None, None
         if self.fused:
@@ -173,12 +184,10 @@ class BatchedVoice(VoiceSlots):
                 self._args[s] = fused_args(self.model, self.model.vqvae.speakers.weight[v:v + 1].detach(), s,
                                            self._shift[s])
             out[i], mel, z = fused_step(hops[i], self._args[s], lambda fr, s=s: self._pitch_of(s, fr), _no_tick)
-            learner = self._learner[s]
-            if learner is not None:  # as VoiceConverter.convert does for one stream
-                content = learner.push(z.T, mel.mean(0), self._pitch[s].last_voiced)
-                if content is not None:
-                    self._shift[s] = torch.from_numpy(self.model.content_shift(content))
-                    self._args[s] = None  # the code norms carry the shift
+            shift = self._learn(s, z.T, mel.mean(0), self._pitch[s].last_voiced)  # as VoiceConverter.convert does
+            if shift is not None:
+                self._shift[s] = torch.from_numpy(shift)
+                self._args[s] = None  # the code norms carry the shift
         return out
 
 

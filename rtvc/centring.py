@@ -60,6 +60,11 @@ class ContentLearner:
         self.updates += c is not None
         return c
 
+    @property
+    def state(self) -> str:
+        """For status lines and session stats: learning (no estimate yet) or learned xN."""
+        return f"learned x{self.updates}" if self.updates else "learning"
+
     def content(self) -> np.ndarray | None:
         """Mean content [code_dim] over the window's speech frames (their order does not matter); None if none."""
         if not self.filled:

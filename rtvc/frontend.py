@@ -347,19 +347,14 @@ class PitchMapper:
         return out
 
 
-def track_pitch(wav: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """A recording [n] at the model rate -> (F0 Hz [N], voiced bool [N]) per hop, by the conversion's tracker."""
+def measure_pitch(wav: np.ndarray, cfg: ModelConfig) -> PitchStats:
+    """Voiced ln-F0 mean / std of a recording [n] at the model rate, by the same tracker as conversion (for a
+    source's calibration: what the pitch mapping would otherwise have to learn during the first seconds)."""
     fe = Frontend(cfg)
     x = np.pad(np.asarray(wav, np.float32), (0, (-wav.shape[0]) % cfg.hop_length))
     with torch.no_grad():
         frames = fe.frames(torch.from_numpy(x)[None])[0].numpy()
-    return yin(frames, cfg)
-
-
-def measure_pitch(wav: np.ndarray, cfg: ModelConfig) -> PitchStats:
-    """Voiced ln-F0 mean / std of a recording [n] at the model rate, by the same tracker as conversion (for a
-    source's calibration: what the pitch mapping would otherwise have to learn during the first seconds)."""
-    f0, voiced = track_pitch(wav, cfg)
+    f0, voiced = yin(frames, cfg)
     if voiced.sum() < 10:
         raise ValueError("too little voiced speech to measure a pitch range (need at least 0.1 s)")
     lf = np.log(f0[voiced].astype(np.float64))

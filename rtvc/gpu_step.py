@@ -271,7 +271,7 @@ class GraphRunner(VoiceSlots):
         st = self.step_
         for s in self.pool.fresh():
             st.reset_slot(s)
-            self._learner[s] = self._new_learner() if self._new_learner else None
+            self._restart_learner(s)
             self._shifts.pop(s, None)
         for s, shift in self._shifts.items():  # rare (a learner's estimate): small host->device copies
             st.shift[s].copy_(torch.from_numpy(shift))
@@ -295,7 +295,7 @@ class GraphRunner(VoiceSlots):
         if learning:
             seen, d = self._h_seen.numpy(), st.seen.shape[1] - 2
             for s in learning:
-                content = self._learner[s].push(seen[s, None, :d], seen[s, d:d + 1], seen[s, d + 1:] > 0.5)
-                if content is not None:
-                    self._shifts[s] = self.model.content_shift(content)
+                shift = self._learn(s, seen[s, None, :d], seen[s, d:d + 1], seen[s, d + 1:] > 0.5)
+                if shift is not None:
+                    self._shifts[s] = shift
         return self._n_out[slots]  # a copy (fancy indexing): the buffer is overwritten next step

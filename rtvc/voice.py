@@ -246,7 +246,7 @@ class VoiceConverter:
         if not self.model.centres:
             return "off"
         if self.learner is not None:
-            return f"learned x{self.learner.updates}" if self.learner.updates else "learning"
+            return self.learner.state
         return "measured" if self.content is not None else "off"
 
     def set_source_content(self, content: np.ndarray | None) -> None:
