@@ -97,7 +97,7 @@ class Screen:
         z = F.normalize(self.model.vqvae.encoder(mel[None])[0], dim=0)
         return mel.numpy().astype(np.float16), lf0_features(f0, voiced)[0], z.numpy()
 
-    def label_voice(self, folder: Path, texts: list[str], voice: str, out: Path, path_of) -> None:
+    def label_voice(self, texts: list[str], voice: str, out: Path, path_of) -> None:
         """Features and frame labels of ``voice``'s readings of ``texts`` -> ``out/<voice>.npy``."""
         m = self.cfg.model
         refs = {} if voice in REFS else {r: np.load(out / f"{r}.npy", allow_pickle=True).item() for r in REFS}
@@ -124,7 +124,8 @@ class Screen:
     def data(self, n_sentences: int, testset: str) -> None:
         source, _, items = load_testset(testset)
         test = [it.text for it in items]
-        texts = [t for t in sentences(n_sentences + 100) if t not in set(test)][:n_sentences]
+        held_out = set(test)
+        texts = [t for t in sentences(n_sentences + 100) if t not in held_out][:n_sentences]
         voices = [*REFS, *VOICES_EN]
         t0 = time.time()
         synth_corpus(self.work / "synth", texts=texts, voices=voices, progress=False)
@@ -137,10 +138,10 @@ class Screen:
         test_path = lambda v, i: (items[i].source_wav if v == source else  # noqa: E731
                                   self.work / "synth_test" / v / f"{v}_{i:05d}.wav")
         for v in voices:  # the references first: the others' labels come from theirs
-            self.label_voice(self.work / "synth", texts, v, feats, train_path)
+            self.label_voice(texts, v, feats, train_path)
             print(f"labelled {v} ({time.time() - t0:.0f} s)", flush=True)
         for v in [*REFS, source]:
-            self.label_voice(self.work / "synth_test", test, v, ftest, test_path)
+            self.label_voice(test, v, ftest, test_path)
         phones = sorted({p for r in REFS for lab in np.load(feats / f"{r}.npy", allow_pickle=True).item()["lab"]
                          if lab is not None for p in lab})
         (self.work / "phones.json").write_text(json.dumps(phones))
