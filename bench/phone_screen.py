@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,38 +41,15 @@ from rtvc.augment import ContentAugment, RoomAugment  # noqa: E402
 from rtvc.data.dataset import dtw_warp  # noqa: E402
 from rtvc.data.synth import sentences, synth_corpus  # noqa: E402
 from rtvc.evaluate import Metrics, _read, cosine, load_testset  # noqa: E402
+from rtvc.frame_phones import FRAME_PHONES, MBROLA_VOICES, SILENCE, frame_labels, mbrola_phones, vote  # noqa: E402
 from rtvc.frontend import SourcePitch, lf0_features, measure_pitch, yin  # noqa: E402
 from rtvc.voice import VoiceModel  # noqa: E402
 from rtvc.vqvae import Decoder, Encoder  # noqa: E402
 
-REFS = {"mbf": "mb-us1", "mbm": "mb-us2", "mbm2": "mb-us3"}  # labelled by their own timings
+REFS = dict(zip(("mbf", "mbm", "mbm2"), MBROLA_VOICES))  # labelled by their own timings
 VOICES_EN = ("mbm3 awb rms slt esf esm ked esm2 esf2 esm3 esf3 bdl clb evg lyu pcf pcf2 rab "
              "itf itm czf czm czm2 fif fim rum caf").split()
-MERGE = {"t_h": "t", "k_h": "k", "p_h": "p"}  # US MBROLA voices differ in marking aspiration: one phone each
-SIL = "_"
 MODES = ("posteriors", "hybrid", "control", "oracle")
-
-
-def mbrola_phones(voice: str, text: str) -> list[tuple[str, float, float]]:
-    """(phone, start ms, end ms) of espeak-ng's MBROLA ``voice`` reading ``text`` at rtvc data synth's rate."""
-    out = subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "--pho", "-q", text], capture_output=True,
-                         text=True, check=True).stdout
-    phones, t = [], 0.0
-    for line in out.splitlines():
-        f = line.split()
-        if f:
-            phones.append((MERGE.get(f[0], f[0]), t, t + int(f[1])))
-            t += int(f[1])
-    return phones
-
-
-def frame_labels(phones: list[tuple[str, float, float]], n: int, hop: int, win: int, rate: int) -> np.ndarray:
-    """Phone of each of ``n`` frames [n] (str), read at the centre of the frame's causal analysis window."""
-    centre = ((np.arange(n) + 1) * hop - win / 2) / rate * 1000.0
-    lab = np.full(n, SIL, object)
-    for p, a, b in phones:
-        lab[(centre >= a) & (centre < b)] = p
-    return lab
 
 
 class Screen:
@@ -81,8 +57,7 @@ class Screen:
         self.work = Path(work)
         self.model = VoiceModel.load(model)
         self.cfg = self.model.cfg
-        self.phones: list[str] = json.loads((self.work / "phones.json").read_text()) if (
-            self.work / "phones.json").exists() else []
+        self.phones = FRAME_PHONES
 
     # ------------------------------------------------------------------ data
     @torch.no_grad()
@@ -113,8 +88,7 @@ class Screen:
                 lab = frame_labels(mbrola_phones(REFS[voice], text), mel.shape[1], m.hop_length, m.win_length,
                                    m.sample_rate)
             else:
-                votes = np.stack([r["lab"][i][dtw_warp(r["z"][i].astype(np.float32), z)] for r in refs.values()])
-                lab = np.where(votes[1] == votes[2], votes[1], votes[0])
+                lab = vote(np.stack([r["lab"][i][dtw_warp(r["z"][i].astype(np.float32), z)] for r in refs.values()]))
             res["mel"].append(mel)
             res["pitch"].append(pitch)
             res["lab"].append(lab)
@@ -142,18 +116,14 @@ class Screen:
             print(f"labelled {v} ({time.time() - t0:.0f} s)", flush=True)
         for v in [*REFS, source]:
             self.label_voice(test, v, ftest, test_path)
-        phones = sorted({p for r in REFS for lab in np.load(feats / f"{r}.npy", allow_pickle=True).item()["lab"]
-                         if lab is not None for p in lab})
-        (self.work / "phones.json").write_text(json.dumps(phones))
         (self.work / "texts.json").write_text(json.dumps({"train": texts, "test": test, "source": source}))
 
     # ------------------------------------------------------------------ training
     def items(self, voices: list[str]) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-        index = {p: k for k, p in enumerate(self.phones)}
         out = []
         for v in voices:
             d = np.load(self.work / "feats" / f"{v}.npy", allow_pickle=True).item()
-            out += [(v, mel.astype(np.float32), pitch, np.array([index.get(p, index[SIL]) for p in lab]))
+            out += [(v, mel.astype(np.float32), pitch, lab)
                     for mel, pitch, lab in zip(d["mel"], d["pitch"], d["lab"]) if mel is not None]
         return out
 
@@ -165,7 +135,7 @@ class Screen:
             pad = frames - m_[:, s:s + frames].shape[1]
             mel.append(np.pad(m_[:, s:s + frames], ((0, 0), (0, pad)), constant_values=-2.0))
             pitch.append(np.pad(p[:, s:s + frames], ((0, 0), (0, pad))))
-            lab.append(np.pad(lb[s:s + frames], (0, pad), constant_values=self.phones.index(SIL)))
+            lab.append(np.pad(lb[s:s + frames], (0, pad), constant_values=SILENCE))
             spk.append(self.model.speakers.index(v) if v in self.model.speakers else 0)
         return (torch.from_numpy(np.stack(mel)), torch.from_numpy(np.stack(pitch)), torch.from_numpy(np.stack(lab)),
                 torch.tensor(spk))
@@ -210,7 +180,7 @@ class Screen:
 
     @torch.no_grad()
     def accuracy(self) -> None:
-        net, index = self.recogniser(load=True), {p: k for k, p in enumerate(self.phones)}
+        net = self.recogniser(load=True)
         source = json.loads((self.work / "texts.json").read_text())["source"]
         for name, path in ((f"{source} (unseen reader, test sentences)", self.work / "feats_test" / f"{source}.npy"),
                            ("awb (training)", self.work / "feats" / "awb.npy"),
@@ -219,7 +189,7 @@ class Screen:
             hit = n = 0
             for mel, lab in [(m_, lb) for m_, lb in zip(d["mel"], d["lab"]) if m_ is not None][:20]:
                 pred = net(torch.from_numpy(mel.astype(np.float32))[None])[0].argmax(0).numpy()
-                hit += int((pred == np.array([index.get(p, index[SIL]) for p in lab])).sum())
+                hit += int((pred == lab).sum())
                 n += len(lab)
             print(f"frame accuracy, {name}: {hit / n:.3f}")
 
@@ -287,7 +257,6 @@ class Screen:
         src_pitch = measure_pitch(np.concatenate(xs), self.cfg.model)
         shift = torch.from_numpy(model.content_shift(model.measure_content(np.concatenate(xs))))
         oracle = np.load(self.work / "feats_test" / f"{source}.npy", allow_pickle=True).item()["lab"]
-        index = {p: k for k, p in enumerate(self.phones)}
         met, rows = Metrics(), []
         for t in targets:
             spk = v.speakers.weight[model.speaker_id(t)][None]
@@ -299,7 +268,7 @@ class Screen:
                 pitch = torch.from_numpy(sp(frames[0].float().numpy(), model.pitch.get(t, model.prior), 0.0))[None]
                 q = v.vq.codebook[v.vq.nearest(v.encoder(mel)[0].t() + shift)].t()[None]
                 if mode == "oracle":
-                    lab = torch.tensor([index.get(p, index[SIL]) for p in oracle[i]])
+                    lab = torch.from_numpy(oracle[i])
                     post = F.one_hot(lab, len(self.phones)).t()[None].float()[:, :, :mel.shape[2]]
                 else:
                     post = F.softmax(rec(mel), 1)

@@ -1,4 +1,5 @@
-"""Fused CPU step of the frame-rate stacks: encoder -> nearest code -> decoder, one numba call per chunk.
+"""Fused CPU step of the frame-rate stacks: encoder -> nearest code (+ phone recogniser) -> decoder, one numba call
+per chunk.
 
 At one mel frame per 10 ms hop, every encoder/decoder conv is a matrix-vector product, and in eager torch each
 layer costs ~6 ops of ~4 us dispatch overhead for ~10 us of arithmetic (measured: encoder+VQ+decoder ~0.8 ms
@@ -6,7 +7,7 @@ per hop). This kernel runs the same arithmetic in one compiled call: matvecs thr
 causal conv history read from and written to *the torch modules' own streaming state* (numpy views of
 ``ConvState.past``), so the torch streaming path and this one are interchangeable mid-stream.
 
-Stack layout (both stacks): layer 0 = input conv (+ per-layer bias row 0), layers 1..L-2 = residual blocks
+Stack layout (every stack): layer 0 = input conv (+ per-layer bias row 0), layers 1..L-2 = residual blocks
 ``h += conv(leaky(h)) + bias[i]``, layer L-1 = output conv ``conv(leaky(h))``. Weights are tap-major
 ``[C_out, K*C_in]`` (``CausalConv1d.gemm_weight``), histories ``[C_in, (K-1)*d]``.
 """
@@ -51,19 +52,27 @@ def _stack(x, ws, bs, pasts, ks, ds, bias, cols):  # pragma: no cover - numba
 
 
 @njit(cache=True, nogil=True)
-def frame_convert(mel, pitch, enc, codebook, cb_norm, dec, out, zout):  # pragma: no cover - numba
+def frame_convert(mel, pitch, enc, codebook, cb_norm, dec, out, zout, phn, shift, inv_t):  # pragma: no cover - numba
     """mel [n_mels, T], pitch [2, T] -> decoder mel ``out`` [n_mels, T], frame by frame (streaming); the encoder's
-    output (before the quantizer, unshifted) goes to ``zout`` [code_dim, T]."""
+    output (before the quantizer, unshifted) goes to ``zout`` [code_dim, T]. ``phn``: the phone recogniser's stack
+    (None: the model has none), which reads z + ``shift`` [code_dim]; its softmax(logits * ``inv_t``) goes to the
+    decoder below the code. (numba prunes the ``phn is None`` branches at compile time: one kernel per kind.)"""
     ews, ebs, eps, eks, eds, ebias, ecols = enc
     dws, dbs, dps, dks, dds, dbias, dcols = dec
     code_dim = codebook.shape[1]
-    zin = np.empty(code_dim + 2, np.float32)
+    n_in = dws[0].shape[1] // dks[0]  # the decoder's input channels: code (+ posteriors) + pitch
+    zin = np.empty(n_in, np.float32)
     for t in range(mel.shape[1]):
         z = _stack(np.ascontiguousarray(mel[:, t]), ews, ebs, eps, eks, eds, ebias, ecols)
         zout[:, t] = z
         best = np.argmin(cb_norm - 2.0 * np.dot(codebook, z))  # squared distance without the constant ||z||^2
         zin[:code_dim] = codebook[best]
-        zin[code_dim:] = pitch[:, t]
+        if phn is not None:
+            pws, pbs, pps, pks, pds, pbias, pcols = phn
+            logits = _stack((z + shift).astype(np.float32), pws, pbs, pps, pks, pds, pbias, pcols) * inv_t
+            e = np.exp(logits - logits.max())
+            zin[code_dim:n_in - 2] = e / e.sum()
+        zin[n_in - 2:] = pitch[:, t]
         out[:, t] = _stack(zin, dws, dbs, dps, dks, dds, dbias, dcols)
 
 

@@ -162,12 +162,13 @@ class BatchedVoice(VoiceSlots):
             pitch[i] = self._pitch_of(s, fr[i])
         with m.slots(idx):
             z = m.vqvae.encoder(mel)
-            n, d, t = z.shape
-            codes = m.vqvae.vq.nearest(z.transpose(1, 2).reshape(-1, d))
-            q = m.vqvae.vq.codebook[codes].reshape(n, t, d).transpose(1, 2)
+            if any(self._shift[s] is not None for s in slots):  # source centring, as the fused path applies it
+                zero = torch.zeros(z.shape[1])
+                z = z + torch.stack([zero if self._shift[s] is None else self._shift[s].cpu() for s in slots]
+                                    ).to(z.device)[:, :, None]
             spk = m.vqvae.speakers(torch.as_tensor(self._voice[slots], device=self.device))
             pitch_t = torch.from_numpy(pitch).to(self.device)
-            mel_hat = m.vqvae.decoder(q, spk, pitch_t)
+            mel_hat = m.vqvae.render(z, spk, pitch_t)
             return m.student(mel_hat, pitch_t)[:, 0].float().cpu().numpy()
 
     def _pitch_of(self, slot: int, frames: np.ndarray) -> np.ndarray:

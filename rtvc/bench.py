@@ -85,7 +85,8 @@ def cpu_name() -> str:
 def run_bench(cfg: Config, out: str | Path, seconds: float = 5.0) -> dict:
     model, source = _model(cfg)
     params = {"encoder": model.vqvae.encoder, "vq": model.vqvae.vq, "decoder": model.vqvae.decoder,
-              "speakers": model.vqvae.speakers, "vocoder (student)": model.student}
+              "speakers": model.vqvae.speakers, "vocoder (student)": model.student,
+              **({"phone recogniser": model.vqvae.phones} if model.vqvae.phones is not None else {})}
     n_params = {k: sum(p.numel() for p in m.parameters()) + (m.codebook.numel() if k == "vq" else 0)
                 for k, m in params.items()}
     vc = VoiceConverter(model)

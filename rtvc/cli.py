@@ -95,8 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="eval", help="folder for eval.json, eval.md and spectrograms/")
     ev.add_argument("--max-items", type=int, help="evaluate only the first N sentences")
 
-    tr = sub.add_parser("train", help="train a stage: vqvae, teacher or student (resumes from its checkpoint)")
-    tr.add_argument("stage", choices=["vqvae", "teacher", "student"])
+    tr = sub.add_parser("train", help="train a stage: vqvae, teacher, student (resumes from its checkpoint), or phones "
+                                      "(a phone recogniser added to a voice model: --init MODEL --out FILE)")
+    tr.add_argument("stage", choices=["vqvae", "teacher", "student", "phones"])
     tr.add_argument("--data", help="prepared cache folder (default: <paths.data_dir>/cache)")
     tr.add_argument("--steps", type=int, help="total steps for this stage (default: train.<stage>_steps)")
     tr.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                          "student; e.g. rtvc/models/default.pt to add your voices to the bundled ones), or a teacher "
                          "in its mel normalisation (a voice model holds no teacher); implies --finetune")
 
+    tr.add_argument("--out", metavar="FILE", help="phones only: the voice-model file to write")
     tr.add_argument("--parallel", action="store_true",
                     help="vqvae only: train the decoder across voices on a parallel corpus (each voice rebuilt from "
                          "another voice's reading of the same text; train.parallel_self_fraction), encoder frozen")
@@ -296,6 +298,15 @@ def _cmd_train(cfg: Config, a: argparse.Namespace) -> int:
         (ckpt / f"{a.stage}.pt").unlink(missing_ok=True)
     if a.parallel and a.stage != "vqvae":
         raise SystemExit("rtvc train: --parallel trains the VQ-VAE's decoder: use it with `rtvc train vqvae`")
+    if a.stage == "phones":
+        from .train_phones import train_phones
+        if not (a.init and a.out):
+            raise SystemExit("rtvc train phones: name the voice model to add phones to (--init MODEL) and the file to "
+                             "write (--out FILE)")
+        steps = (a.steps, a.steps) if a.steps else None
+        out = train_phones(cfg, _data_dir(cfg, a.data, "cache"), ckpt, a.init, a.out, steps)
+        print(f"voice model: {out} (use it with --set paths.model={out})")
+        return 0
     extra = {"parallel": True} if a.parallel else {}
     path = TRAINERS[a.stage](cfg, _data_dir(cfg, a.data, "cache"), ckpt, a.steps, finetune=a.finetune, init=a.init,
                              **extra)

@@ -160,8 +160,14 @@ class VQVAEConfig:
     decoder_layers: int
     encoder_cepstra: int
     source_centring: float
+    phone_channels: int
+    phone_layers: int
+    phone_temperature: float
 
     def __post_init__(self) -> None:
+        _check(self.phone_channels >= 0, "vqvae.phone_channels must be >= 0 (0 = no phone recogniser)")
+        _check(self.phone_layers >= 2, "vqvae.phone_layers must be >= 2 (an input and an output conv)")
+        _check(self.phone_temperature > 0, "vqvae.phone_temperature must be > 0 (1 = the posteriors as trained)")
         _check(0.0 <= self.source_centring <= 2.0, "vqvae.source_centring must be in 0..2 (0 = off, 1 = the whole "
                                                     "measured offset)")
         _check(self.encoder_cepstra >= 0, "vqvae.encoder_cepstra must be >= 0 (0 = the encoder sees the whole mel)")
@@ -274,12 +280,18 @@ class TrainConfig:
     phone_warmup: int
     phone_warmup_ctc: float
     phone_warmup_restarts: int
+    phone_recogniser_steps: int
+    phone_recogniser_lr: float
+    phone_decoder_steps: int
+    phone_decoder_lr: float
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "segment_hops", "vocoder_segment_hops", "vqvae_steps", "teacher_steps",
-                    "student_steps", "validate_every", "checkpoint_every"):
+                    "student_steps", "validate_every", "checkpoint_every", "phone_recogniser_steps",
+                    "phone_decoder_steps"):
             _check(getattr(self, key) >= 1, f"train.{key} must be >= 1")
-        _check(self.learning_rate > 0, "train.learning_rate must be > 0")
+        _check(self.learning_rate > 0 and self.phone_recogniser_lr > 0 and self.phone_decoder_lr > 0,
+               "train.learning_rate, train.phone_recogniser_lr and train.phone_decoder_lr must be > 0")
         _check(0 <= self.formant_warp < 0.5, "train.formant_warp must be in 0..0.5")
         _check(0 <= self.spectral_eq_db <= 24, "train.spectral_eq_db must be in 0..24 dB")
         _check(0 <= self.speaker_adversarial <= 10, "train.speaker_adversarial must be in 0..10")
@@ -475,7 +487,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 # rebuilds (describes) those models, (section, key) -> value.
 BUILT_WITHOUT: dict[tuple[str, str], Any] = {
     ("vqvae", "encoder_cepstra"): 0, ("model", "yin_octave_margin"): 0.0, ("model", "yin_onset_range"): 0.0,
-    ("student", "voice_bar_hz"): 0.0, ("train", "phone_ctc"): 0.0}
+    ("student", "voice_bar_hz"): 0.0, ("train", "phone_ctc"): 0.0, ("vqvae", "phone_channels"): 0}
 
 
 def default_dict() -> dict[str, Any]:

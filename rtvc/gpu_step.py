@@ -189,8 +189,7 @@ class GraphStep:
         v = m.vqvae
         zc = v.encoder(mel)
         self.seen.copy_(torch.cat([zc[:, :, 0], mel[:, :, 0].mean(1, keepdim=True), voiced.float()[:, None]], 1))
-        q = v.vq.codebook[v.vq.nearest(zc[:, :, 0] + self.shift)][:, :, None]
-        mel_hat = v.decoder(q, v.speakers(self.speaker), pitch)
+        mel_hat = v.render(zc + self.shift[:, :, None], v.speakers(self.speaker), pitch)
         y = m.student(mel_hat, pitch)[:, 0]
         act = self.active
         for t, old in zip(self.states, saved):  # idle slots keep their state

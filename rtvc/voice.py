@@ -26,7 +26,7 @@ from .vocoder import Student
 from .vqvae import VQVAE, content_mean
 
 
-STAGES = ("frontend", "pitch", "encoder", "vq", "decoder", "encoder+vq+decoder (fused)", "vocoder")  # profiled
+STAGES = ("frontend", "pitch", "encoder", "vq+decoder", "encoder+vq+decoder (fused)", "vocoder")  # profiled
 
 
 @dataclass
@@ -195,11 +195,9 @@ class VoiceConverter:
         t = self._tick("encoder", t)
         if self.learner is not None:  # what source centring learns from (convert())
             self._seen = (z[0].cpu().numpy(), mel[0].cpu().numpy())
-        zf = z[0].t() if self._shift is None else z[0].t() + self._shift
-        q = m.vqvae.vq.codebook[m.vqvae.vq.nearest(zf)].t()[None]
-        t = self._tick("vq", t)
-        mel_hat = m.vqvae.decoder(q, self._spk, pitch_t)
-        t = self._tick("decoder", t)
+        zc = z if self._shift is None else z + self._shift[None, :, None]
+        mel_hat = m.vqvae.render(zc, self._spk, pitch_t)
+        t = self._tick("vq+decoder", t)
         if mel_only:
             return mel_hat, pitch_t
         y = m.student(mel_hat, pitch_t)[:, 0]
@@ -286,20 +284,28 @@ class VoiceConverter:
 
 
 def _frame_args(model: VoiceModel, spk: torch.Tensor, slot: int, shift: torch.Tensor | None = None) -> tuple:
-    """(encoder args, codebook, ||codebook||^2, decoder args) for :func:`kernels.frame_stack.frame_convert`,
-    bound to batch slot ``slot`` of the streaming state and speaker embedding ``spk`` [1, S]. ``shift``
-    [code_dim]: source centring. The nearest code to z + s minimises ||c||^2 - 2 c.s - 2 c.z, so the shift
-    folds into the norms the kernel already subtracts from: no cost per frame."""
+    """(encoder args, codebook, ||codebook||^2, decoder args, recogniser args or None, shift [code_dim], 1 / phone
+    temperature) for :func:`kernels.frame_stack.frame_convert`, bound to batch slot ``slot`` of the streaming
+    state and speaker embedding ``spk`` [1, S]. ``shift`` [code_dim]: source centring. The nearest code to z + s
+    minimises ||c||^2 - 2 c.s - 2 c.z, so the shift folds into the norms the kernel already subtracts from: no
+    cost per frame (the recogniser reads z + s itself)."""
     from kernels.frame_stack import stack_args
     v = model.vqvae
-    enc = [v.encoder.inp, *(b.conv for b in v.encoder.blocks), v.encoder.out]
-    dec = [v.decoder.inp, *(b.conv for b in v.decoder.blocks), v.decoder.out]
+
+    def convs(m) -> list:
+        return [m.inp, *(b.conv for b in m.blocks), m.out]
+
+    def no_bias(m) -> np.ndarray:
+        return np.zeros((len(m.blocks) + 1, m.inp.c_out), np.float32)
+
     with torch.no_grad():
         spk_bias = v.decoder.spk(spk).reshape(-1, v.decoder.inp.c_out).numpy()
         cb = v.vq.codebook.detach().contiguous().numpy()
-    norms = (cb * cb).sum(1) if shift is None else (cb * cb).sum(1) - 2.0 * cb @ shift.cpu().numpy()
-    return (stack_args(enc, np.zeros((len(enc) - 1, v.encoder.inp.c_out), np.float32), slot),
-            cb, norms.astype(np.float32), stack_args(dec, spk_bias, slot))
+    s = np.zeros(cb.shape[1], np.float32) if shift is None else shift.cpu().numpy().astype(np.float32)
+    norms = (cb * cb).sum(1) - 2.0 * cb @ s
+    phn = None if v.phones is None else stack_args(convs(v.phones), no_bias(v.phones), slot)
+    return (stack_args(convs(v.encoder), no_bias(v.encoder), slot), cb, norms.astype(np.float32),
+            stack_args(convs(v.decoder), spk_bias, slot), phn, s, np.float32(1.0 / v.temperature))
 
 
 def fused_args(model: VoiceModel, spk: torch.Tensor, slot: int, shift: torch.Tensor | None = None) -> tuple:
@@ -316,21 +322,21 @@ def fused_args(model: VoiceModel, spk: torch.Tensor, slot: int, shift: torch.Ten
 def fused_step(x: np.ndarray, args: tuple, pitch_of, tick) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One stream's streaming step on the CPU, numpy end to end: frontend (:func:`rtvc.frontend.stream_numpy`),
     pitch (``pitch_of(frames [N, win]) -> [2, N]``, the stream's tracker and mapping), one numba call for encoder
-    -> VQ -> decoder (:func:`kernels.frame_stack.frame_convert`), one for the vocoder
+    -> VQ (+ phone recogniser) -> decoder (:func:`kernels.frame_stack.frame_convert`), one for the vocoder
     (:func:`kernels.student_step.student_step`). x [N*hop] float32 -> (y [N*hop] float32, the frontend's mel
     [n_mels, N], the encoder's output [code_dim, N]: what source centring learns from). Per 10 ms hop eager torch
     spends most of its time dispatching ops (``rtvc bench``: fused vs plain torch). ``tick(stage, t0) -> t``:
     stage timing (:meth:`VoiceConverter._tick`). ``args``: :func:`fused_args`."""
     from kernels.frame_stack import frame_convert
     from kernels.student_step import student_step
-    fe, lifter, (enc, cb, cb_norm, dec), stu = args
+    fe, lifter, (enc, cb, cb_norm, dec, phn, shift, inv_t), stu = args
     t = time.perf_counter()
     mel, frames = stream_numpy(x, fe)
     t = tick("frontend", t)
     pitch = pitch_of(frames)
     t = tick("pitch", t)
     out, z = np.empty_like(mel), np.empty((cb.shape[1], mel.shape[1]), np.float32)
-    frame_convert(mel if lifter is None else lifter @ mel, pitch, enc, cb, cb_norm, dec, out, z)
+    frame_convert(mel if lifter is None else lifter @ mel, pitch, enc, cb, cb_norm, dec, out, z, phn, shift, inv_t)
     t = tick("encoder+vq+decoder (fused)", t)
     y = student_step(out, pitch, *stu)
     tick("vocoder", t)

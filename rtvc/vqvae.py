@@ -5,6 +5,7 @@ All convs are causal (:class:`CausalConv1d`), so one 10 ms hop in gives one mel 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VQVAEConfig
+from .frame_phones import FRAME_PHONES
 from .streaming import CausalConv1d, StreamingModule, receptive_field
 
 
@@ -163,13 +165,27 @@ class VectorQuantizer(nn.Module):
                     dist.broadcast(buf, 0)
 
 
+def phone_recogniser(cfg: VQVAEConfig) -> Encoder:
+    """Causal frame phone recogniser (``vqvae.phone_channels``): content [B, code_dim, T] -> logits over
+    :data:`FRAME_PHONES` [B, P, T], the encoder's conv stack at its own size (no lookahead; 7 layers of kernel 3,
+    dilations 1-2-4: 31 frames of context)."""
+    return Encoder(cfg.code_dim, dataclasses.replace(cfg, encoder_channels=cfg.phone_channels, encoder_cepstra=0,
+                                                     encoder_layers=cfg.phone_layers, code_dim=len(FRAME_PHONES)))
+
+
+def decoder_inputs(cfg: VQVAEConfig) -> int:
+    """Channels the decoder reads besides pitch: the code, and the phone posteriors when there is a recogniser."""
+    return cfg.code_dim + (len(FRAME_PHONES) if cfg.phone_channels else 0)
+
+
 class Decoder(StreamingModule):
-    """(codes [B, D, T], speaker embedding [B, S], pitch [B, 2, T]) -> normalised log-mel [B, n_mels, T]."""
+    """(codes [B, D, T] (+ phone posteriors [B, P, T] stacked under them, :func:`decoder_inputs`), speaker
+    embedding [B, S], pitch [B, 2, T]) -> normalised log-mel [B, n_mels, T]."""
 
     def __init__(self, n_mels: int, cfg: VQVAEConfig) -> None:
         super().__init__()
         c = cfg.decoder_channels
-        self.inp = CausalConv1d(cfg.code_dim + 2, c, cfg.kernel_size)
+        self.inp = CausalConv1d(decoder_inputs(cfg) + 2, c, cfg.kernel_size)
         self.blocks = nn.ModuleList(ResBlock(c, cfg.kernel_size, d) for d in _dilations(cfg.decoder_layers))
         self.spk = nn.Linear(cfg.speaker_dim, c * (len(self.blocks) + 1))  # a bias per block, per speaker
         self.out = CausalConv1d(c, n_mels, 1)
@@ -219,18 +235,41 @@ class VQVAE(StreamingModule):
         self.encoder = Encoder(n_mels, cfg)
         self.vq = VectorQuantizer(cfg)
         self.speakers = nn.Embedding(n_speakers, cfg.speaker_dim)
+        self.phones = phone_recogniser(cfg) if cfg.phone_channels else None
         self.decoder = Decoder(n_mels, cfg)
+        self.temperature = cfg.phone_temperature
 
     @property
     def receptive_field(self) -> int:
-        return self.encoder.receptive_field + self.decoder.receptive_field - 1
+        rec = 0 if self.phones is None else self.phones.receptive_field - 1
+        return self.encoder.receptive_field + rec + self.decoder.receptive_field - 1
+
+    def decoder_input(self, z: torch.Tensor, q: torch.Tensor, temperature: float = 1.0,
+                      phones: bool = True) -> torch.Tensor:
+        """Content z [B, D, T] (centred, as quantized) and its codes q [B, D, T] -> what the decoder reads
+        [B, D (+ P), T]: the codes, and below them the phone posteriors softmax(logits / ``temperature``) when the
+        model has a recogniser (zeros if not ``phones``: the VQ-VAE stage, before the recogniser is trained)."""
+        if self.phones is None:
+            return q
+        if not phones:
+            return torch.cat([q, q.new_zeros(q.shape[0], len(FRAME_PHONES), q.shape[2])], 1)
+        return torch.cat([q, F.softmax(self.phones(z) / temperature, dim=1)], 1)
+
+    def render(self, z: torch.Tensor, spk: torch.Tensor, pitch: torch.Tensor) -> torch.Tensor:
+        """Conversion from content: z [B, D, T] (centred) -> nearest codes (+ phone posteriors, sharpened by
+        ``vqvae.phone_temperature``) -> decoder with speaker embeddings spk [B, S] and pitch [B, 2, T] -> mel
+        [B, n_mels, T]. Every runner's torch path (single stream, batched slots, the GPU graph step)."""
+        b, d, t = z.shape
+        q = self.vq.codebook[self.vq.nearest(z.transpose(1, 2).reshape(-1, d))].reshape(b, t, d).transpose(1, 2)
+        return self.decoder(self.decoder_input(z, q, self.temperature), spk, pitch)
 
     def forward(self, mel: torch.Tensor, speaker: torch.Tensor, pitch: torch.Tensor, substitute: float = 0.0,
-                max_rank: int = 8) -> dict[str, torch.Tensor]:
+                max_rank: int = 8, phones: bool = True) -> dict[str, torch.Tensor]:
         """mel [B, n_mels, T] (encoder input), speaker [B] (target ids), pitch [B, 2, T] -> dict with ``mel``
         [B, n_mels, T] and the encoder's continuous output ``content`` [B, code_dim, T]. ``substitute``,
-        ``max_rank``: training's code substitution (:meth:`VectorQuantizer.forward`)."""
+        ``max_rank``: training's code substitution (:meth:`VectorQuantizer.forward`). ``phones``: the decoder
+        reads the recogniser's posteriors (at temperature 1, as trained), else zeros in their place."""
         z = self.encoder(mel)
         q, codes, commit, ppl = self.vq(z, substitute, max_rank)
-        out = self.decoder(q, self.speakers(speaker), pitch)
+        out = self.decoder(self.decoder_input(z, q, phones=phones), self.speakers(speaker), pitch)
         return {"mel": out, "codes": codes, "commit": commit, "perplexity": ppl, "content": z}

@@ -159,8 +159,8 @@ def test_modules_are_causal(module):
             m = Student(CFG.model, CFG.student)
             p = torch.stack([torch.zeros(1, 40), torch.ones(1, 40)], 1)
             a, b, unit = m(mel, p), m(mel2, p), CFG.model.hop_length
-        else:
-            m = VQVAE(n, 3, c).eval()
+        else:  # with the phone recogniser between encoder and decoder
+            m = VQVAE(n, 3, CFG.replace(**{"vqvae.phone_channels": 32}).vqvae).eval()
             spk, p = torch.tensor([1]), torch.zeros(1, 2, 40)
             a, b, unit = m(mel, spk, p)["mel"], m(mel2, spk, p)["mel"], 1
     assert torch.equal(a[..., : 25 * unit], b[..., : 25 * unit])
@@ -196,11 +196,13 @@ def test_voice_switch_continues_state():
         vc.convert(np.zeros(100, np.float32))
 
 
-@pytest.mark.parametrize("cepstra", [0, 24])
-def test_fused_cpu_kernel_equals_torch_streaming(cepstra):
+@pytest.mark.parametrize("cepstra,phones", [(0, 0), (24, 0), (24, 48)])
+def test_fused_cpu_kernel_equals_torch_streaming(cepstra, phones):
     """kernels.frame_stack (numba, shares the modules' state) == the torch streaming path, mid-stream switchable;
-    with the encoder's input smoothed across frequency (vqvae.encoder_cepstra) too."""
-    cfg = CFG.replace(**{"vqvae.encoder_cepstra": cepstra})
+    with the encoder's input smoothed across frequency (vqvae.encoder_cepstra), and with a phone recogniser whose
+    sharpened posteriors the decoder reads (vqvae.phone_channels, phone_temperature), too."""
+    cfg = CFG.replace(**{"vqvae.encoder_cepstra": cepstra, "vqvae.phone_channels": phones,
+                         "vqvae.phone_temperature": 0.7})
     model = make_voice_model(cfg, ["a", "b"], seed=4)
     x = _speech_like(1.0, CFG.model.sample_rate, 4)
     hop = CFG.model.hop_length
@@ -213,6 +215,33 @@ def test_fused_cpu_kernel_equals_torch_streaming(cepstra):
     fused.fused = True
     np.testing.assert_allclose(fused.convert(x[61 * hop: 62 * hop]), (plain.convert(x[60 * hop: 61 * hop]),
                                plain.convert(x[61 * hop: 62 * hop]))[1], atol=TOL)
+
+
+def test_phone_posteriors_reach_the_decoder():
+    """vqvae.phone_channels: the decoder reads codes and below them the recogniser's posteriors (a distribution
+    per frame, sharper at a lower phone_temperature); forward(phones=False) puts zeros there; the offline render
+    == streaming render in chunks; the recogniser widens the receptive field by its own."""
+    from rtvc.frame_phones import FRAME_PHONES
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    c = CFG.replace(**{"vqvae.phone_channels": 32, "vqvae.phone_temperature": 0.5}).vqvae
+    v, plain = VQVAE(8, 2, c).eval(), VQVAE(8, 2, CFG.vqvae)
+    assert v.decoder.inp.c_in == c.code_dim + len(FRAME_PHONES) + 2 and plain.decoder.inp.c_in == c.code_dim + 2
+    assert v.receptive_field == plain.receptive_field + v.phones.receptive_field - 1
+    z, q = torch.randn(2, c.code_dim, 30), torch.randn(2, c.code_dim, 30)
+    with torch.no_grad():
+        post = v.decoder_input(z, q)[:, c.code_dim:]
+        sharp = v.decoder_input(z, q, 0.5)[:, c.code_dim:]
+        off = v.decoder_input(z, q, phones=False)
+    assert torch.allclose(post.sum(1), torch.ones(2, 30), atol=1e-5) and (post >= 0).all()
+    assert (sharp.max(1).values >= post.max(1).values - 1e-6).all()
+    assert torch.equal(off[:, : c.code_dim], q) and not off[:, c.code_dim:].any()
+    spk, pitch = torch.randn(2, c.speaker_dim), torch.randn(2, 2, 30)
+    with torch.no_grad():
+        whole = v.render(z, spk, pitch)
+        with v.streaming(2):
+            chunks = [v.render(z[..., a:b], spk, pitch[..., a:b]) for a, b in _chunks(30, rng)]
+    assert (torch.cat(chunks, -1) - whole).abs().max() <= TOL
 
 
 def test_source_centring():

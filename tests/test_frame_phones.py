@@ -1,0 +1,94 @@
+"""Phone posteriors (vqvae.phone_channels): frame labels from MBROLA timings, the recogniser added to a voice model
+without changing what it computes, and `rtvc train phones` (labels cached, both parts train, resume, a model out)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rtvc.checkpoint import CheckpointError, load_checkpoint
+from rtvc.data.dataset import Corpus
+from rtvc.frame_phones import FRAME_PHONES, SILENCE, frame_labels, mbrola_phones, vote
+from rtvc.train import train_student, train_vqvae
+from rtvc.train_phones import train_phones, with_recogniser
+from rtvc.voice import VoiceConverter, VoiceModel, make_voice_model
+
+from conftest import harmonic, make_tiny_config
+
+PHONES = {"vqvae.phone_channels": 8, "vqvae.phone_layers": 3}
+
+
+def test_frame_labels_read_each_window_centre_and_vote_by_majority():
+    # hop 10 ms, window 40 ms: frame t's window is centred at (t + 1) * 10 - 20 ms
+    lab = frame_labels([("_", 0, 30), ("h", 30, 60), ("@U", 60, 95), ("xx", 95, 120)], 12, 240, 960, 24000)
+    names = [FRAME_PHONES[i] for i in lab]
+    assert names == ["_", "_", "_", "_", "h", "h", "h", "@U", "@U", "@U", "@U", "_"]  # unknown phone -> silence
+    assert lab[-1] == SILENCE
+    assert vote(np.array([[1, 2, 3, 4], [1, 5, 6, 4], [7, 5, 8, 9]])).tolist() == [1, 5, 3, 4]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or not Path("/usr/share/mbrola/us1").is_dir(),
+                    reason="espeak-ng with MBROLA us1 is not installed (scripts/install_tts.sh)")
+def test_mbrola_timings_cover_the_reading():
+    phones = mbrola_phones("mb-us1", "Hello there.")
+    assert phones[0][1] == 0 and all(a[2] == b[1] for a, b in zip(phones, phones[1:]))
+    spoken = [p for p, _, _ in phones if p != "_"]
+    assert spoken and set(spoken) <= set(FRAME_PHONES) and "h" in spoken and "D" in spoken
+
+
+def test_with_recogniser_starts_as_the_model_it_extends():
+    """The posteriors' decoder weights start at zero: the extended model converts exactly as the original."""
+    cfg = make_tiny_config()
+    model = make_voice_model(cfg, ["a", "b"], seed=2)
+    model.content = {"a": np.zeros(cfg.vqvae.code_dim, np.float32), "b": np.ones(cfg.vqvae.code_dim, np.float32)}
+    ext = with_recogniser(model, cfg.replace(**PHONES))
+    assert ext.vqvae.phones is not None and ext.cfg.vqvae.phone_channels == 8 and sorted(ext.content) == ["a", "b"]
+    x = harmonic(0.6, cfg.model.sample_rate, 140.0, 3)
+    x = x[: len(x) // cfg.model.hop_length * cfg.model.hop_length]
+    np.testing.assert_allclose(VoiceConverter(ext, "b").convert_offline(x),
+                               VoiceConverter(model, "b").convert_offline(x), atol=1e-5)
+    with pytest.raises(ValueError, match="phone_channels > 0"):
+        with_recogniser(model, cfg)
+    with pytest.raises(ValueError, match="already has"):
+        with_recogniser(ext, cfg.replace(**PHONES))
+
+
+def test_train_phones_labels_trains_resumes_and_writes_a_voice_model(prepared, tmp_path):
+    cfg, cache0 = prepared
+    cfg = cfg.replace(**{"train.student_target": "audio"})
+    cache = tmp_path / "cache"
+    shutil.copytree(cache0, cache)
+    ck = tmp_path / "ck"
+    train_vqvae(cfg, cache, ck, steps=2, progress=False)
+    train_student(cfg, cache, ck, steps=2, progress=False)
+    base = VoiceModel.load(ck / "model.pt")
+    # labels as the MBROLA step would leave them (no TTS needed here): every utterance with text
+    corpus = Corpus(cache, cfg.model)
+    rng = np.random.default_rng(0)
+    np.savez(cache / "phone_labels.npz", **{u["id"]: rng.integers(0, len(FRAME_PHONES), u["frames"])
+                                            for u in corpus.utts if u.get("text")})
+    pc = cfg.replace(**PHONES)
+    out = train_phones(pc, cache, ck, ck / "model.pt", tmp_path / "phones.pt", steps=(3, 3), progress=False)
+    ck_state = load_checkpoint(ck / "phones.pt", "phones")
+    assert ck_state["step"] == 6
+    model = VoiceModel.load(out)
+    assert model.vqvae.phones is not None and model.speakers == base.speakers
+    # encoder, codebook, speakers and vocoder kept; the decoder learnt to read the posteriors
+    for name in ("encoder", "vq", "speakers"):
+        for (k, a), b in zip(getattr(model.vqvae, name).state_dict().items(),
+                             getattr(base.vqvae, name).state_dict().values()):
+            assert torch.equal(a, b), f"{name}.{k}"
+    w = model.vqvae.decoder.inp.weight[:, cfg.vqvae.code_dim: cfg.vqvae.code_dim + len(FRAME_PHONES)]
+    assert w.abs().max() > 0
+    y = VoiceConverter(model, "low").convert(np.zeros(cfg.model.hop_length * 3, np.float32))
+    assert np.isfinite(y).all()
+    # resumes at step 6 (a longer decoder part), and only from the model it started on
+    train_phones(pc, cache, ck, ck / "model.pt", tmp_path / "phones.pt", steps=(3, 4), progress=False)
+    assert load_checkpoint(ck / "phones.pt", "phones")["step"] == 7
+    shutil.copy(ck / "model.pt", tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="continues"):
+        train_phones(pc, cache, ck, tmp_path / "other.pt", tmp_path / "x.pt", steps=(3, 5), progress=False)
