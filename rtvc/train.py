@@ -572,14 +572,18 @@ def _synth_stats(vocoder: Student | Teacher, corpus: Corpus) -> None:
     vocoder.synth.mel_std.copy_(torch.from_numpy(corpus.mel_std))
 
 
-def _load_stage(stage: str, ckpt_dir: Path, build: Callable[[Config], nn.Module], device) -> nn.Module:
+def _load_stage(stage: str, ckpt_dir: Path, build: Callable[[Config], nn.Module], device,
+                speakers: list[str] | None = None) -> nn.Module:
+    """``<ckpt_dir>/<stage>.pt``'s model for another stage to use (frozen, eval mode). ``speakers``: the corpus's
+    voices, to which its speaker table is re-indexed (:func:`_speaker_rows`)."""
     path = ckpt_dir / f"{stage}.pt"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: run `rtvc train {stage}` first (or `rtvc train {stage} --init "
                               f"MODEL` to continue a voice-model file)")
     ck = load_checkpoint(path, kind=stage)
     m = build(Config.from_saved(ck["config"]))
-    m.load_state_dict(ck["models"][stage])
+    state = ck["models"][stage]
+    m.load_state_dict(_speaker_rows(state, ck["stats"]["speakers"], speakers) if speakers is not None else state)
     return m.to(device).eval()
 
 
@@ -594,7 +598,14 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
     # Without distillation the teacher is optional: when one exists its distance is still logged at validation.
     teacher = (_load_stage("teacher", ckpt_dir, Teacher.build, d.device)
                if distill or (ckpt_dir / "teacher.pt").is_file() else None)
-    vqvae = _load_stage("vqvae", ckpt_dir, lambda c: VQVAE(c.model.n_mels, n_spk, c.vqvae), d.device)
+    if init is not None and not (ckpt_dir / "vqvae.pt").is_file():
+        # fine-tuning a voice model's student on its own decoder's mels: that VQ-VAE becomes the stage's (and the
+        # exported file's) vqvae.pt
+        if d.main:
+            save_checkpoint(ckpt_dir / "vqvae.pt", stage_from_voice_model(init, "vqvae"))
+        r.sync()
+    vqvae = _load_stage("vqvae", ckpt_dir, lambda c: VQVAE(c.model.n_mels, n_spk, c.vqvae), d.device,
+                        r.corpus.speakers)
     if teacher is not None and not teacher.synth.normalised_by(r.corpus.mel_mean, r.corpus.mel_std):
         raise CheckpointError(f"{ckpt_dir / 'teacher.pt'} was trained in another mel normalisation than this "
                               f"student's: train the teacher on the same corpus, or with --init of the same model")
@@ -614,7 +625,9 @@ def train_student(cfg: Config, cache: str | Path, ckpt_dir: str | Path, steps: i
                 mel = batch["mel"]
                 target = teacher(mel, batch["pitch"]) if distill else batch["wav"][:, None]
             else:  # fine-tuning: the VQ-VAE's decoder mels, against the real audio
-                mel, target = vqvae(batch["mel"], batch["speaker"], batch["pitch"])["mel"], batch["wav"][:, None]
+                # at the posteriors' conversion temperature: the mels the student will be given
+                mel = vqvae(batch["mel"], batch["speaker"], batch["pitch"], temperature=vqvae.temperature)["mel"]
+                target = batch["wav"][:, None]
         y_hat = net(mel, batch["pitch"])
         loss = stft_loss(stft, y_hat, target)
         logs = {"stft": loss.item(), "phase": float(r.step >= finetune_from)}

@@ -264,12 +264,13 @@ class VQVAE(StreamingModule):
         return self.decoder(self.decoder_input(z, q, self.temperature), spk, pitch)
 
     def forward(self, mel: torch.Tensor, speaker: torch.Tensor, pitch: torch.Tensor, substitute: float = 0.0,
-                max_rank: int = 8, phones: bool = True) -> dict[str, torch.Tensor]:
+                max_rank: int = 8, phones: bool = True, temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """mel [B, n_mels, T] (encoder input), speaker [B] (target ids), pitch [B, 2, T] -> dict with ``mel``
         [B, n_mels, T] and the encoder's continuous output ``content`` [B, code_dim, T]. ``substitute``,
         ``max_rank``: training's code substitution (:meth:`VectorQuantizer.forward`). ``phones``: the decoder
-        reads the recogniser's posteriors (at temperature 1, as trained), else zeros in their place."""
+        reads the recogniser's posteriors (softmax(logits / ``temperature``): 1 as trained), else zeros in their
+        place."""
         z = self.encoder(mel)
         q, codes, commit, ppl = self.vq(z, substitute, max_rank)
-        out = self.decoder(self.decoder_input(z, q, phones=phones), self.speakers(speaker), pitch)
+        out = self.decoder(self.decoder_input(z, q, temperature, phones), self.speakers(speaker), pitch)
         return {"mel": out, "codes": codes, "commit": commit, "perplexity": ppl, "content": z}

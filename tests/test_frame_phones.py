@@ -92,3 +92,14 @@ def test_train_phones_labels_trains_resumes_and_writes_a_voice_model(prepared, t
     shutil.copy(ck / "model.pt", tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="continues"):
         train_phones(pc, cache, ck, tmp_path / "other.pt", tmp_path / "x.pt", steps=(3, 5), progress=False)
+    # the student fine-tuned on that model's own decoder (posteriors and all): a fresh checkpoint folder takes the
+    # model's VQ-VAE as its vqvae.pt, and the exported file keeps it unchanged next to the new student
+    ck2 = tmp_path / "ck2"
+    model = VoiceModel.load(out)  # as the resumed run above left it
+    train_student(pc, cache, ck2, steps=2, progress=False, init=out)
+    tuned = VoiceModel.load(ck2 / "model.pt")
+    assert tuned.vqvae.phones is not None and tuned.speakers == model.speakers
+    for (k, a), b in zip(tuned.vqvae.state_dict().items(), model.vqvae.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.student.state_dict().values(),
+                                                     model.student.state_dict().values()))
