@@ -491,26 +491,36 @@ def phone_loss(model: VQVAE, head: PhoneHead, batch: dict[str, torch.Tensor], au
 
 @torch.no_grad()
 def parallel_pairs(model: VQVAE, corpus: Corpus, self_fraction: float, device: torch.device,
-                    sources: set[int] | None = None) -> ParallelPairs:
+                    sources: set[int] | None = None, targets: set[int] | None = None) -> ParallelPairs:
     """The encoder's unit-norm content and code indices of every training utterance (~40 s for 14k on 2 CPU
-    threads), for :class:`ParallelPairs`."""
+    threads), and with a phone recogniser its posteriors at the conversion temperature (what the decoder reads
+    when it converts; float16, ~80 B per frame), for :class:`ParallelPairs`."""
     model.eval()
-    content, codes = {}, {}
+    content, codes, phones = {}, {}, {} if model.phones is not None else None
     for i in corpus.indices("train"):
-        z = model.encoder(torch.from_numpy(corpus.utts[i]["mel"])[None].to(device))[0]   # [D, T]
-        codes[i] = model.vq.nearest(z.t()).cpu().numpy()
-        content[i] = F.normalize(z, dim=0).cpu().numpy()
-    return ParallelPairs(corpus, content, codes, self_fraction, sources)
+        if sources is not None and targets is not None and corpus.utts[i]["spk"] not in sources | targets:
+            continue
+        z = model.encoder(torch.from_numpy(corpus.utts[i]["mel"])[None].to(device))   # [1, D, T]
+        codes[i] = model.vq.nearest(z[0].t()).cpu().numpy()
+        content[i] = F.normalize(z[0], dim=0).cpu().numpy()
+        if phones is not None:
+            phones[i] = F.softmax(model.phones(z)[0] / model.temperature, dim=0).cpu().numpy().astype(np.float16)
+    return ParallelPairs(corpus, content, codes, self_fraction, sources, targets, phones)
 
 
-def parallel_step(model: VQVAE, dec: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> dict[str, float]:
-    """Cross-voice decoder step: voice B's mel rebuilt from another voice's codes of the same text (warped onto
-    B's timeline; :class:`ParallelPairs`), L1 + L2. The encoder, codebook and speaker table stay as they are: the
-    codes a source makes, and what each voice's embedding means, do not move under a trained student."""
+def parallel_step(model: VQVAE, dec: nn.Module, opt: torch.optim.Optimizer, batch: dict,
+                  speaker_rows: torch.Tensor | None = None) -> dict[str, float]:
+    """Cross-voice decoder step: voice B's mel rebuilt from another voice's codes (and phone posteriors, with a
+    recogniser) of the same text (warped onto B's timeline; :class:`ParallelPairs`), L1 + L2. The encoder, codebook
+    and speaker table stay as they are: the codes a source makes, and what each voice's embedding means, do not
+    move under a trained student. ``speaker_rows``: corpus speaker index -> the model's row, where they differ."""
     model.eval()
     model.decoder.train()
     q = model.vq.codebook.detach()[batch["codes"]].transpose(1, 2)                      # [B, D, F]
-    out = dec(q, model.speakers(batch["speaker"]).detach(), batch["pitch"])
+    if "phones" in batch:
+        q = torch.cat([q, batch["phones"].float()], 1)                                   # [B, D + P, F]
+    spk = batch["speaker"] if speaker_rows is None else speaker_rows[batch["speaker"]]
+    out = dec(q, model.speakers(spk).detach(), batch["pitch"])
     l1, l2 = F.l1_loss(out, batch["mel"]), F.mse_loss(out, batch["mel"])
     _update(opt, model, l1 + l2)
     return {"loss": (l1 + l2).item(), "l1": l1.item()}

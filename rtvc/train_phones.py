@@ -35,6 +35,7 @@ from .data.dataset import Corpus, CorpusError, dtw_warp
 from .data.synth import VOICES, synthesize
 from .evaluate import _read
 from .frame_phones import FRAME_PHONES, MBROLA_VOICES, SILENCE, frame_labels, mbrola_phones, vote
+from .train import parallel_pairs
 from .voice import VoiceModel
 
 
@@ -140,7 +141,12 @@ def train_phones(cfg: Config, cache: str | Path, ckpt_dir: str | Path, init: str
     t = cfg.train
     n_rec, n_dec = steps or (t.phone_recogniser_steps, t.phone_decoder_steps)
     torch.manual_seed(t.seed)
-    model = with_recogniser(VoiceModel.load(init), cfg)
+    model = VoiceModel.load(init)
+    if model.vqvae.phones is None:
+        model = with_recogniser(model, cfg)
+    else:  # a model that has one: its decoder trains on (the recogniser is kept as it is)
+        model.eval()
+        n_rec = 0
     v = model.vqvae
     fe = model.frontend
     corpus = Corpus(cache, model.cfg.model, (fe.mel_mean.numpy(), fe.mel_std.numpy()))
@@ -148,6 +154,13 @@ def train_phones(cfg: Config, cache: str | Path, ckpt_dir: str | Path, init: str
                             model.speakers)
     augment = ContentAugment(model.cfg.model, corpus.mel_mean, corpus.mel_std, t.formant_warp, t.spectral_eq_db,
                              RoomAugment(model.cfg.model, t, t.seed))
+    # cross-voice items (train.phone_parallel_fraction of each decoder batch): a model voice's reading rebuilt from
+    # any corpus voice's reading of the same text, codes and posteriors warped onto it (rtvc.data.ParallelPairs)
+    n_cross = round(t.batch_size * t.phone_parallel_fraction) if n_dec else 0
+    if n_cross:
+        own = {k for k, name in enumerate(corpus.speakers) if name in model.speakers}
+        pairs = parallel_pairs(v, corpus, 0.0, torch.device("cpu"), targets=own)
+        rows = torch.tensor([model.speakers.index(n) if n in model.speakers else -1 for n in corpus.speakers])
     rec_opt = torch.optim.AdamW(v.phones.parameters(), t.phone_recogniser_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(rec_opt, t.phone_recogniser_lr, total_steps=max(1, n_rec),
                                                 pct_start=0.05)
@@ -175,7 +188,7 @@ def train_phones(cfg: Config, cache: str | Path, ckpt_dir: str | Path, init: str
     while step < n_rec + n_dec:
         rng = np.random.default_rng((t.seed, step))
         recogniser = step < n_rec
-        mel, pitch, lab, spk = data.batch(rng, 2 * t.batch_size if recogniser else t.batch_size,
+        mel, pitch, lab, spk = data.batch(rng, 2 * t.batch_size if recogniser else t.batch_size - n_cross,
                                           2 * t.segment_hops if recogniser else t.segment_hops, own=not recogniser)
         with torch.no_grad():
             z = v.encoder(augment(mel))
@@ -190,7 +203,15 @@ def train_phones(cfg: Config, cache: str | Path, ckpt_dir: str | Path, init: str
             v.decoder.train()
             with torch.no_grad():
                 q = v.vq.codebook[v.vq.nearest(z.transpose(1, 2).reshape(-1, z.shape[1]))]
-                x = v.decoder_input(z, q.reshape(z.shape[0], z.shape[2], -1).transpose(1, 2))
+                # the posteriors at the conversion temperature: as the decoder will read them
+                x = v.decoder_input(z, q.reshape(z.shape[0], z.shape[2], -1).transpose(1, 2), v.temperature)
+                if n_cross:
+                    b = [pairs.item(rng, t.segment_hops) for _ in range(n_cross)]
+                    xc = torch.cat([v.vq.codebook[torch.stack([i["codes"] for i in b])].transpose(1, 2),
+                                    torch.stack([i["phones"] for i in b]).float()], 1)
+                    x, mel, pitch = (torch.cat([x, xc]), torch.cat([mel, torch.stack([i["mel"] for i in b])]),
+                                     torch.cat([pitch, torch.stack([i["pitch"] for i in b])]))
+                    spk = torch.cat([spk, rows[torch.stack([i["speaker"] for i in b])]])
             mel_hat = v.decoder(x, spk_table[spk], pitch)
             l1, l2 = F.l1_loss(mel_hat, mel), F.mse_loss(mel_hat, mel)
             loss, logs, opt = l1 + l2, {"l1": l1.item(), "l2": l2.item()}, dec_opt

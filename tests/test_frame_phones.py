@@ -103,3 +103,15 @@ def test_train_phones_labels_trains_resumes_and_writes_a_voice_model(prepared, t
         assert torch.equal(a, b), k
     assert any(not torch.equal(a, b) for a, b in zip(tuned.student.state_dict().values(),
                                                      model.student.state_dict().values()))
+    # a model that has a recogniser: its decoder trains on, half of each batch rebuilt across voices
+    # (train.phone_parallel_fraction); the recogniser, encoder, codebook and speakers stay
+    cont = train_phones(pc.replace(**{"train.phone_parallel_fraction": 0.5}), cache, tmp_path / "ck3", out,
+                        tmp_path / "cont.pt", steps=(3, 2), progress=False)
+    assert load_checkpoint(tmp_path / "ck3" / "phones.pt", "phones")["step"] == 2
+    cont = VoiceModel.load(cont)
+    for name in ("phones", "encoder", "vq", "speakers"):
+        for (k, a), b in zip(getattr(cont.vqvae, name).state_dict().items(),
+                             getattr(model.vqvae, name).state_dict().values()):
+            assert torch.equal(a, b), f"{name}.{k}"
+    assert any(not torch.equal(a, b) for a, b in zip(cont.vqvae.decoder.state_dict().values(),
+                                                     model.vqvae.decoder.state_dict().values()))

@@ -340,6 +340,16 @@ def test_parallel_pairs_with_source_only_voices(prepared):
     assert pairs.idx and all(corpus.utts[i]["spk"] != src for i in pairs.idx)
     for b in pairs.batches(4, 16, 3, int(rng.integers(1 << 30))):
         assert (b["codes"] == src).all() and (b["speaker"] != src).all()
+    # `rtvc train phones` (train.phone_parallel_fraction): targets limited to some voices, posteriors warped with
+    # the codes (each frame's posterior row holds its utterance's voice and frame, so the warp is visible)
+    tgt = int(rng.integers(len(corpus.speakers)))
+    phones = {i: np.stack([np.full(corpus.utts[i]["frames"], corpus.utts[i]["spk"]),
+                           np.arange(corpus.utts[i]["frames"])]).astype(np.float16) for i in train}
+    pairs = ParallelPairs(corpus, content, codes, 0.0, targets={tgt}, phones=phones)
+    assert pairs.idx and all(corpus.utts[i]["spk"] == tgt for i in pairs.idx)
+    for b in pairs.batches(4, 16, 3, int(rng.integers(1 << 30))):
+        assert (b["speaker"] == tgt).all() and (b["codes"] != tgt).all()
+        assert b["phones"].shape == (4, 2, 16) and torch.equal(b["phones"][:, 0].long(), b["codes"])
 
 
 def _batch(cfg, n: int) -> dict[str, torch.Tensor]:

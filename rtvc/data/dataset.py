@@ -126,13 +126,17 @@ class ParallelPairs:
     codes, and renders another engine's codes poorly in it (held-out flite source into espeak-ng voices: 8.97 dB
     MCD where an espeak-ng source gets 6.56); here it learns to from real readings. ``sources``: the speaker
     indices whose readings serve as A, and only as A (an enrolled source voice, :mod:`rtvc.enrol`; default: every
-    voice is both)."""
+    voice is both); ``targets``: the speaker indices that may be B (a voice model's own voices, when the corpus
+    has more; default: all). ``phones``: A's phone posteriors [P, T] per utterance (a model with a recogniser,
+    ``vqvae.phone_channels``), warped with the codes: item key ``phones`` [P, F]."""
 
     def __init__(self, corpus: Corpus, content: dict[int, np.ndarray], codes: dict[int, np.ndarray],
-                 self_fraction: float, sources: set[int] | None = None) -> None:
+                 self_fraction: float, sources: set[int] | None = None, targets: set[int] | None = None,
+                 phones: dict[int, np.ndarray] | None = None) -> None:
         """``content``: unit-norm encoder output [D, T] and ``codes`` its code indices [T], per training utterance
         index of ``corpus``."""
         self.c, self.content, self.codes, self.self_fraction = corpus, content, codes, self_fraction
+        self.phones = phones
         by_text: dict[str, list[int]] = {}
         for i in corpus.indices("train"):
             if corpus.utts[i].get("text"):
@@ -140,7 +144,8 @@ class ParallelPairs:
         spk = lambda i: corpus.utts[i]["spk"]
         self.partners = {i: [j for j in group if spk(j) != spk(i) and (sources is None or spk(j) in sources)]
                          for group in by_text.values() for i in group}
-        self.idx = [i for i, p in self.partners.items() if p and (sources is None or spk(i) not in sources)]
+        self.idx = [i for i, p in self.partners.items() if p and (sources is None or spk(i) not in sources)
+                    and (targets is None or spk(i) in targets)]
         if not self.idx:
             raise CorpusError("no two voices of the corpus read the same text in training: cross-voice training needs "
                               "a parallel corpus (transcripts shared across voices, as `rtvc data synth` makes)")
@@ -152,17 +157,22 @@ class ParallelPairs:
         b = self.idx[rng.choice(len(self.idx), p=self.p)]
         ub = self.c.utts[b]
         if rng.random() < self.self_fraction:
-            codes = self.codes[b]
+            a, warp = b, slice(None)
         else:
             a = self.partners[b][rng.integers(len(self.partners[b]))]
             if (a, b) not in self._warps:  # ~5 ms per pair; a run revisits pairs, and ~20 bytes per frame is cheap
                 self._warps[a, b] = dtw_warp(self.content[a], self.content[b])
-            codes = self.codes[a][self._warps[a, b]]
+            warp = self._warps[a, b]
         start, mel, pitch, _ = self.c.segment(ub, frames, rng)
-        # a short utterance's silence padding holds its last code
-        codes = np.pad(codes[start: start + frames], (0, max(0, frames - ub["frames"])), mode="edge")
-        return {"codes": torch.from_numpy(np.ascontiguousarray(codes)), "mel": torch.from_numpy(np.ascontiguousarray(mel)),
+        # a short utterance's silence padding holds its last code (and posteriors)
+        pad = max(0, frames - ub["frames"])
+        cut = lambda x: torch.from_numpy(np.ascontiguousarray(
+            np.pad(x[..., warp][..., start: start + frames], [(0, 0)] * (x.ndim - 1) + [(0, pad)], mode="edge")))
+        item = {"codes": cut(self.codes[a]), "mel": torch.from_numpy(np.ascontiguousarray(mel)),
                 "pitch": torch.from_numpy(np.ascontiguousarray(pitch)), "speaker": torch.tensor(ub["spk"])}
+        if self.phones is not None:
+            item["phones"] = cut(self.phones[a])
+        return item
 
     def batches(self, n: int, frames: int, steps: int, seed: int):
         """``steps`` batches of ``n`` items (deterministic in ``seed``)."""
