@@ -115,3 +115,25 @@ def test_train_phones_labels_trains_resumes_and_writes_a_voice_model(prepared, t
             assert torch.equal(a, b), f"{name}.{k}"
     assert any(not torch.equal(a, b) for a, b in zip(cont.vqvae.decoder.state_dict().values(),
                                                      model.vqvae.decoder.state_dict().values()))
+
+
+def test_cross_voice_step_reads_the_posteriors(prepared):
+    """`rtvc enrol` (and `train vqvae --parallel`) on a model with a recogniser: the pairs carry the source's
+    posteriors at the conversion temperature, warped with its codes, and the decoder step reads them. Before
+    session 29 the bundled model's enrolment failed (the decoder got the codes alone: 66 of 107 channels)."""
+    from rtvc.train import parallel_pairs, parallel_step
+    cfg, cache = prepared
+    corpus = Corpus(cache, cfg.model)
+    model = with_recogniser(make_voice_model(cfg, corpus.speakers, seed=3), cfg.replace(**PHONES))
+    v = model.vqvae
+    pairs = parallel_pairs(v, corpus, 0.5, torch.device("cpu"))
+    i = corpus.indices("train")[0]
+    z = v.encoder(torch.from_numpy(corpus.utts[i]["mel"])[None])
+    want = torch.softmax(v.phones(z)[0] / v.temperature, 0)
+    np.testing.assert_allclose(pairs.phones[i].astype(np.float32), want.detach().numpy(), atol=1e-3)
+    before = [p.detach().clone() for p in v.decoder.parameters()]
+    opt = torch.optim.Adam(v.decoder.parameters(), 1e-3)
+    batch = next(pairs.batches(4, 16, 1, 0))
+    assert batch["phones"].shape == (4, len(FRAME_PHONES), 16)
+    assert np.isfinite(parallel_step(v, v.decoder, opt, batch)["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, v.decoder.parameters()))
