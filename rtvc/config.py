@@ -299,7 +299,8 @@ class TrainConfig:
         _check(0 <= self.code_substitution < 1, "train.code_substitution must be in 0..1 (1 excluded)")
         _check(self.code_substitution_rank >= 2, "train.code_substitution_rank must be >= 2 (1 is the nearest code)")
         _check(0 <= self.parallel_self_fraction < 1, "train.parallel_self_fraction must be in 0..1 (1 excluded)")
-        _check(0 <= self.phone_parallel_fraction <= 1, "train.phone_parallel_fraction must be in 0..1")
+        _check(0 <= self.phone_parallel_fraction < 1,
+               "train.phone_parallel_fraction must be in 0..1 (1 excluded: the batch keeps own readings)")
         _check(0 <= self.phone_ctc <= 10, "train.phone_ctc must be in 0..10")
         _check(self.phone_utterances >= 1 and self.phone_warmup >= 0,
                "train.phone_utterances must be >= 1 and train.phone_warmup >= 0")

@@ -498,8 +498,6 @@ def parallel_pairs(model: VQVAE, corpus: Corpus, self_fraction: float, device: t
     model.eval()
     content, codes, phones = {}, {}, {} if model.phones is not None else None
     for i in corpus.indices("train"):
-        if sources is not None and targets is not None and corpus.utts[i]["spk"] not in sources | targets:
-            continue
         z = model.encoder(torch.from_numpy(corpus.utts[i]["mel"])[None].to(device))   # [1, D, T]
         codes[i] = model.vq.nearest(z[0].t()).cpu().numpy()
         content[i] = F.normalize(z[0], dim=0).cpu().numpy()
@@ -508,19 +506,21 @@ def parallel_pairs(model: VQVAE, corpus: Corpus, self_fraction: float, device: t
     return ParallelPairs(corpus, content, codes, self_fraction, sources, targets, phones)
 
 
-def parallel_step(model: VQVAE, dec: nn.Module, opt: torch.optim.Optimizer, batch: dict,
-                  speaker_rows: torch.Tensor | None = None) -> dict[str, float]:
+def pair_decoder_input(model: VQVAE, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A :class:`ParallelPairs` batch's decoder input [B, D (+ P), F]: its codes' codebook vectors, and below them
+    its posteriors when the pairs carry them (a model with a recogniser)."""
+    q = model.vq.codebook.detach()[batch["codes"]].transpose(1, 2)                      # [B, D, F]
+    return q if "phones" not in batch else torch.cat([q, batch["phones"].float()], 1)
+
+
+def parallel_step(model: VQVAE, dec: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> dict[str, float]:
     """Cross-voice decoder step: voice B's mel rebuilt from another voice's codes (and phone posteriors, with a
     recogniser) of the same text (warped onto B's timeline; :class:`ParallelPairs`), L1 + L2. The encoder, codebook
     and speaker table stay as they are: the codes a source makes, and what each voice's embedding means, do not
-    move under a trained student. ``speaker_rows``: corpus speaker index -> the model's row, where they differ."""
+    move under a trained student."""
     model.eval()
     model.decoder.train()
-    q = model.vq.codebook.detach()[batch["codes"]].transpose(1, 2)                      # [B, D, F]
-    if "phones" in batch:
-        q = torch.cat([q, batch["phones"].float()], 1)                                   # [B, D + P, F]
-    spk = batch["speaker"] if speaker_rows is None else speaker_rows[batch["speaker"]]
-    out = dec(q, model.speakers(spk).detach(), batch["pitch"])
+    out = dec(pair_decoder_input(model, batch), model.speakers(batch["speaker"]).detach(), batch["pitch"])
     l1, l2 = F.l1_loss(out, batch["mel"]), F.mse_loss(out, batch["mel"])
     _update(opt, model, l1 + l2)
     return {"loss": (l1 + l2).item(), "l1": l1.item()}

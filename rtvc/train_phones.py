@@ -35,7 +35,7 @@ from .data.dataset import Corpus, CorpusError, dtw_warp
 from .data.synth import VOICES, synthesize
 from .evaluate import _read
 from .frame_phones import FRAME_PHONES, MBROLA_VOICES, SILENCE, frame_labels, mbrola_phones, vote
-from .train import parallel_pairs
+from .train import pair_decoder_input, parallel_pairs
 from .voice import VoiceModel
 
 
@@ -156,7 +156,8 @@ def train_phones(cfg: Config, cache: str | Path, ckpt_dir: str | Path, init: str
                              RoomAugment(model.cfg.model, t, t.seed))
     # cross-voice items (train.phone_parallel_fraction of each decoder batch): a model voice's reading rebuilt from
     # any corpus voice's reading of the same text, codes and posteriors warped onto it (rtvc.data.ParallelPairs)
-    n_cross = round(t.batch_size * t.phone_parallel_fraction) if n_dec else 0
+    # (at least one own reading per batch: a fraction just under 1 must not round the own part away)
+    n_cross = min(round(t.batch_size * t.phone_parallel_fraction), t.batch_size - 1) if n_dec else 0
     if n_cross:
         own = {k for k, name in enumerate(corpus.speakers) if name in model.speakers}
         pairs = parallel_pairs(v, corpus, 0.0, torch.device("cpu"), targets=own)
@@ -206,12 +207,10 @@ def train_phones(cfg: Config, cache: str | Path, ckpt_dir: str | Path, init: str
                 # the posteriors at the conversion temperature: as the decoder will read them
                 x = v.decoder_input(z, q.reshape(z.shape[0], z.shape[2], -1).transpose(1, 2), v.temperature)
                 if n_cross:
-                    b = [pairs.item(rng, t.segment_hops) for _ in range(n_cross)]
-                    xc = torch.cat([v.vq.codebook[torch.stack([i["codes"] for i in b])].transpose(1, 2),
-                                    torch.stack([i["phones"] for i in b]).float()], 1)
-                    x, mel, pitch = (torch.cat([x, xc]), torch.cat([mel, torch.stack([i["mel"] for i in b])]),
-                                     torch.cat([pitch, torch.stack([i["pitch"] for i in b])]))
-                    spk = torch.cat([spk, rows[torch.stack([i["speaker"] for i in b])]])
+                    b = pairs.batch(rng, n_cross, t.segment_hops)
+                    x, mel, pitch = (torch.cat([x, pair_decoder_input(v, b)]), torch.cat([mel, b["mel"]]),
+                                     torch.cat([pitch, b["pitch"]]))
+                    spk = torch.cat([spk, rows[b["speaker"]]])
             mel_hat = v.decoder(x, spk_table[spk], pitch)
             l1, l2 = F.l1_loss(mel_hat, mel), F.mse_loss(mel_hat, mel)
             loss, logs, opt = l1 + l2, {"l1": l1.item(), "l2": l2.item()}, dec_opt

@@ -174,9 +174,13 @@ class ParallelPairs:
             item["phones"] = cut(self.phones[a])
         return item
 
+    def batch(self, rng: np.random.Generator, n: int, frames: int) -> dict[str, torch.Tensor]:
+        """``n`` items stacked: each key [n, ...]."""
+        items = [self.item(rng, frames) for _ in range(n)]
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
     def batches(self, n: int, frames: int, steps: int, seed: int):
         """``steps`` batches of ``n`` items (deterministic in ``seed``)."""
         rng = np.random.default_rng(seed)
         for _ in range(steps):
-            items = [self.item(rng, frames) for _ in range(n)]
-            yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
+            yield self.batch(rng, n, frames)
