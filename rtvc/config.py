@@ -285,6 +285,7 @@ class TrainConfig:
     phone_decoder_steps: int
     phone_decoder_lr: float
     phone_parallel_fraction: float
+    phone_decoder_ema: float
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "segment_hops", "vocoder_segment_hops", "vqvae_steps", "teacher_steps",
@@ -301,6 +302,7 @@ class TrainConfig:
         _check(0 <= self.parallel_self_fraction < 1, "train.parallel_self_fraction must be in 0..1 (1 excluded)")
         _check(0 <= self.phone_parallel_fraction < 1,
                "train.phone_parallel_fraction must be in 0..1 (1 excluded: the batch keeps own readings)")
+        _check(0 <= self.phone_decoder_ema < 1, "train.phone_decoder_ema must be in 0..1 (1 excluded; 0 = off)")
         _check(0 <= self.phone_ctc <= 10, "train.phone_ctc must be in 0..10")
         _check(self.phone_utterances >= 1 and self.phone_warmup >= 0,
                "train.phone_utterances must be >= 1 and train.phone_warmup >= 0")

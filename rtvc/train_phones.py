@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .augment import ContentAugment, RoomAugment
@@ -166,6 +167,9 @@ def train_phones(cfg: Config, cache: str | Path, ckpt_dir: str | Path, init: str
     sched = torch.optim.lr_scheduler.OneCycleLR(rec_opt, t.phone_recogniser_lr, total_steps=max(1, n_rec),
                                                 pct_start=0.05)
     dec_opt = torch.optim.Adam(v.decoder.parameters(), t.phone_decoder_lr)
+    # the decoder's moving average (train.phone_decoder_ema), what the voice model is written with
+    ema = AveragedModel(v.decoder, multi_avg_fn=get_ema_multi_avg_fn(t.phone_decoder_ema)) \
+        if t.phone_decoder_ema else None
     path, step = Path(ckpt_dir) / "phones.pt", 0
     if path.is_file():
         ck = load_checkpoint(path, kind="phones")
@@ -176,13 +180,18 @@ def train_phones(cfg: Config, cache: str | Path, ckpt_dir: str | Path, init: str
         rec_opt.load_state_dict(ck["rec_opt"])
         sched.load_state_dict(ck["sched"])
         dec_opt.load_state_dict(ck["dec_opt"])
+        if ema is not None:
+            if "decoder_ema" not in ck:
+                raise CheckpointError(f"{path} was trained without train.phone_decoder_ema: move it away to start over")
+            ema.load_state_dict(ck["decoder_ema"])
         step = int(ck["step"])
 
     def save() -> None:
         save_checkpoint(path, {"kind": "phones", "config": model.cfg.to_dict(), "init": str(init), "step": step,
                                "phones": v.phones.state_dict(), "decoder": v.decoder.state_dict(),
                                "rec_opt": rec_opt.state_dict(), "sched": sched.state_dict(),
-                               "dec_opt": dec_opt.state_dict()})
+                               "dec_opt": dec_opt.state_dict(),
+                               **({"decoder_ema": ema.state_dict()} if ema is not None else {})})
 
     spk_table = v.speakers.weight.detach()
     bar = tqdm(total=n_rec + n_dec, initial=step, desc="phones", disable=not progress)
@@ -219,12 +228,16 @@ def train_phones(cfg: Config, cache: str | Path, ckpt_dir: str | Path, init: str
         opt.step()
         if recogniser:
             sched.step()
+        elif ema is not None:
+            ema.update_parameters(v.decoder)
         step += 1
         bar.update(1)
         bar.set_postfix({k: f"{x:.3g}" for k, x in logs.items()})
         if step % t.checkpoint_every == 0 or step == n_rec + n_dec:
             save()
     bar.close()
+    if ema is not None and n_dec:
+        v.decoder.load_state_dict(ema.module.state_dict())
     model.eval()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, model.state_for_file())

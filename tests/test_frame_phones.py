@@ -115,6 +115,19 @@ def test_train_phones_labels_trains_resumes_and_writes_a_voice_model(prepared, t
             assert torch.equal(a, b), f"{name}.{k}"
     assert any(not torch.equal(a, b) for a, b in zip(cont.vqvae.decoder.state_dict().values(),
                                                      model.vqvae.decoder.state_dict().values()))
+    # train.phone_decoder_ema: the file gets the average of the decoder after each step (the first step's weights,
+    # then decay x average + (1 - decay) x new), the same run's weights otherwise; the checkpoint keeps it to resume
+    fc = pc.replace(**{"train.phone_parallel_fraction": 0.5})
+    one = VoiceModel.load(train_phones(fc, cache, tmp_path / "ck4", out, tmp_path / "one.pt", steps=(3, 1),
+                                       progress=False)).vqvae.decoder.state_dict()
+    ec = fc.replace(**{"train.phone_decoder_ema": 0.9})
+    avg = VoiceModel.load(train_phones(ec, cache, tmp_path / "ck5", out, tmp_path / "ema.pt", steps=(3, 2),
+                                       progress=False)).vqvae.decoder.state_dict()
+    for k, two in cont.vqvae.decoder.state_dict().items():
+        torch.testing.assert_close(avg[k], 0.9 * one[k] + 0.1 * two, rtol=1e-5, atol=1e-6, msg=k)
+    assert "decoder_ema" in load_checkpoint(tmp_path / "ck5" / "phones.pt", "phones")
+    with pytest.raises(CheckpointError, match="without train.phone_decoder_ema"):
+        train_phones(ec, cache, tmp_path / "ck3", out, tmp_path / "x.pt", steps=(3, 3), progress=False)
 
 
 def test_cross_voice_step_reads_the_posteriors(prepared):
