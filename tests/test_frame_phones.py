@@ -105,7 +105,8 @@ def test_train_phones_labels_trains_resumes_and_writes_a_voice_model(prepared, t
                                                      model.student.state_dict().values()))
     # a model that has a recogniser: its decoder trains on, half of each batch rebuilt across voices
     # (train.phone_parallel_fraction); the recogniser, encoder, codebook and speakers stay
-    cont = train_phones(pc.replace(**{"train.phone_parallel_fraction": 0.5}), cache, tmp_path / "ck3", out,
+    fc = pc.replace(**{"train.phone_parallel_fraction": 0.5, "train.phone_decoder_ema": 0.0})
+    cont = train_phones(fc, cache, tmp_path / "ck3", out,
                         tmp_path / "cont.pt", steps=(3, 2), progress=False)
     assert load_checkpoint(tmp_path / "ck3" / "phones.pt", "phones")["step"] == 2
     cont = VoiceModel.load(cont)
@@ -117,7 +118,6 @@ def test_train_phones_labels_trains_resumes_and_writes_a_voice_model(prepared, t
                                                      model.vqvae.decoder.state_dict().values()))
     # train.phone_decoder_ema: the file gets the average of the decoder after each step (the first step's weights,
     # then decay x average + (1 - decay) x new), the same run's weights otherwise; the checkpoint keeps it to resume
-    fc = pc.replace(**{"train.phone_parallel_fraction": 0.5})
     one = VoiceModel.load(train_phones(fc, cache, tmp_path / "ck4", out, tmp_path / "one.pt", steps=(3, 1),
                                        progress=False)).vqvae.decoder.state_dict()
     ec = fc.replace(**{"train.phone_decoder_ema": 0.9})
