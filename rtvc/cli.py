@@ -86,7 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     ts.add_argument("--source", default="kal", help="source voice, never a target (default kal)")
     ts.add_argument("--targets", default="awb,rms,slt,esf,esm", help="comma-separated target voices")
     ts.add_argument("--sentences", type=int, default=20)
-    ts.add_argument("--exclude", help="prepared cache whose sentences must not appear (default <paths.data_dir>/cache)")
+    ts.add_argument("--exclude", action="append", default=[],
+                    help="prepared cache or test set whose sentences must not appear (repeatable; default "
+                         "<paths.data_dir>/cache when it exists)")
+    ts.add_argument("--seed", type=int, default=9999,
+                    help="sentence generator seed (9999: the bundled model's test set; another seed, with that test "
+                         "set excluded, gives a development set to tune on)")
 
     ev = sub.add_parser("eval", help="speaker similarity, MCD, log-F0 correlation, RTF vs baselines on a test set")
     ev.add_argument("--model", help="voice model file (default: paths.model)")
@@ -271,13 +276,13 @@ def _cmd_data(cfg: Config, a: argparse.Namespace) -> int:
         print(f"{out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " utterances")
         return 0
     if a.data_command == "testset":
-        from .data.synth import build_testset
-        cache = Path(a.exclude) if a.exclude else Path(cfg.paths.data_dir) / "cache"
-        texts = {u["text"] for u in json.loads((cache / "manifest.json").read_text())["utterances"] if u["text"]} \
-            if (cache / "manifest.json").is_file() else set()
+        from .data.synth import build_testset, known_texts
+        cache = Path(cfg.paths.data_dir) / "cache"
+        texts = set().union(*(known_texts(p) for p in a.exclude)) if a.exclude else \
+            known_texts(cache) if (cache / "manifest.json").is_file() else set()
         out = _data_dir(cfg, a.out, "testset")
-        man = build_testset(out, a.source, a.targets.split(","), a.sentences, texts)
-        print(f"{out}: {len(man['items'])} sentences (none of the {len(texts)} training sentences), source "
+        man = build_testset(out, a.source, a.targets.split(","), a.sentences, texts, seed=a.seed)
+        print(f"{out}: {len(man['items'])} sentences (none of the {len(texts)} excluded sentences), source "
               f"{man['source']}, targets {', '.join(man['targets'])}")
         return 0
     from .data.prepare import prepare_corpus

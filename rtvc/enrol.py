@@ -112,5 +112,5 @@ def enrol(cfg: Config, model_path: str | Path, recordings: str | Path, out: str 
 
 def testset_texts(root: str | Path) -> set[str]:
     """The sentences of the test set at ``root`` (``testset.json``), or none when there is none."""
-    from .evaluate import load_testset
-    return {it.text for it in load_testset(root)[2]} if (Path(root) / "testset.json").is_file() else set()
+    from .data.synth import known_texts
+    return known_texts(root) if (Path(root) / "testset.json").is_file() else set()

@@ -94,13 +94,20 @@ def test_world_shift_keeps_the_contour():
 
 
 def test_testset_and_eval_report(tmp_path):
-    from rtvc.data.synth import build_testset
+    from rtvc.data.synth import build_testset, known_texts
     from rtvc.evaluate import evaluate, load_testset
     from rtvc.voice import VoiceModel, make_voice_model
     man = build_testset(tmp_path / "ts", "esm", ["awb", "slt"], 2, {"The quick brown fox."}, progress=False)
     assert len(man["items"]) == 2 and all(set(it["refs"]) == {"awb", "slt"} for it in man["items"])
     with pytest.raises(ValueError, match="must not also be a target"):
         build_testset(tmp_path / "x", "awb", ["awb"], 1, set(), progress=False)
+    # a development set: another seed, the test set's sentences left out (known_texts reads a test set or a cache)
+    test_texts = known_texts(tmp_path / "ts")
+    dev = build_testset(tmp_path / "dev", "esm", ["awb"], 2, test_texts, seed=4242, progress=False)
+    assert len(test_texts) == 2 and not test_texts & known_texts(tmp_path / "dev")
+    assert known_texts(tmp_path / "dev") == {it["text"] for it in dev["items"]}
+    with pytest.raises(FileNotFoundError, match="neither a prepared cache"):
+        known_texts(tmp_path / "nothing")
     cfg = make_tiny_config()
     make_voice_model(cfg, ["awb", "slt"], seed=0).save(tmp_path / "model.pt")
     model = VoiceModel.load(tmp_path / "model.pt")

@@ -238,11 +238,24 @@ def synth_corpus(out_dir: str | Path, n_sentences: int = 200, voices: list[str] 
     return {name: len(list((out / name).glob("*.wav"))) for name in wanted}
 
 
+def known_texts(path: str | Path) -> set[str]:
+    """The sentences a prepared cache (``manifest.json``: its utterances' texts) or a test set (``testset.json``)
+    holds: what a new test set must leave out (``rtvc data testset --exclude``)."""
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        return {u["text"] for u in json.loads((p / "manifest.json").read_text())["utterances"] if u["text"]}
+    if (p / "testset.json").is_file():
+        from ..evaluate import load_testset
+        return {it.text for it in load_testset(p)[2]}
+    raise FileNotFoundError(f"{p}: neither a prepared cache (manifest.json) nor a test set (testset.json)")
+
+
 def build_testset(out_dir: str | Path, source: str, targets: list[str], n_sentences: int, exclude_texts: set[str],
                   seed: int = 9999, progress: bool = True) -> dict:
     """A held-out parallel test set: ``n_sentences`` sentences none of which is in ``exclude_texts`` (the training
-    corpus), read by the ``source`` voice (which must not be a target) and by every target voice.
-    Writes ``out_dir/testset.json``."""
+    corpus), read by the ``source`` voice (which must not be a target) and by every target voice. ``seed``: the
+    sentence generator's; 9999 is the bundled model's test set, another seed with that test set excluded gives a
+    development set to tune on. Writes ``out_dir/testset.json``."""
     if source in targets:
         raise ValueError(f"the source voice '{source}' must not also be a target")
     norm = {t.strip().lower() for t in exclude_texts}
